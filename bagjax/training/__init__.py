@@ -1,0 +1,1 @@
+"""Training: sharded optax steps over a device mesh (``loop``), orbax checkpoints, optimizers, shardings."""

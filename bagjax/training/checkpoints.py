@@ -1,0 +1,115 @@
+"""Orbax checkpoints of the train state: periodic, last-N plus best-N, resume, and inference loading.
+
+A checkpoint has four items, ``step``, ``params``, ``batch_stats`` and ``opt_state`` (the optimizer state as
+its flat list of leaves, which survives any optax structure), so inference restores only what it needs.
+Orbax writes each step to a temporary directory and renames it when complete, so a step that a kill
+interrupted is never taken as the latest; a step that is on disk but unreadable is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from bagjax.training.state import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+_ITEMS = ("step", "params", "batch_stats", "opt_state")
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def _items(state: TrainState) -> dict[str, Any]:
+    return {"step": {"step": state.step}, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": _flat(state.opt_state)}
+
+
+class Checkpoints:
+    """Save and restore ``TrainState`` under ``workdir/checkpoints`` with orbax's CheckpointManager."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, keep: int = 2, keep_best: int = 1,
+                 read_only: bool = False):
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(n=max(keep, 1)),
+            pp.BestN(get_metric_fn=lambda m: m["eval_accuracy"], n=keep_best, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
+                                               read_only=read_only, enable_async_checkpointing=True)
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+        self.manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, state: TrainState, metrics: dict[str, float] | None = None, *, force: bool = False) -> bool:
+        step = int(jax.device_get(state.step))
+        items = {k: ocp.args.StandardSave(v) for k, v in _items(state).items()}
+        return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def restore_latest(self, abstract_state: TrainState) -> TrainState | None:
+        """The newest readable step restored onto ``abstract_state``'s shardings, or None if there is none.
+
+        A step that fails to restore (e.g. truncated files) is named in a warning and the previous one is tried.
+        """
+        target = _items(abstract_state)
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
+            except Exception as e:  # orbax raises many types for damaged files; all mean "not usable"
+                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to an earlier step",
+                                step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                print(f"warning: checkpoint step {step} is corrupt or incomplete, falling back to an earlier step",
+                      flush=True)
+                continue
+            opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
+            opt_state = jax.tree.unflatten(jax.tree.structure(abstract_state.opt_state), opt_leaves)
+            return TrainState(step=restored["step"]["step"], params=restored["params"],
+                              batch_stats=restored["batch_stats"], opt_state=opt_state)
+        return None
+
+    def restore_variables(self, step: int | None = None) -> dict[str, Any]:
+        """``{'params', 'batch_stats'}`` of a step (default: the best by eval accuracy, else the latest), as numpy."""
+        if step is None:
+            step = self.manager.best_step()
+            if step is None:
+                step = self.manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}: train first (python train.py ...)")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(), batch_stats=ocp.args.StandardRestore()))
+        return jax.tree.map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
+
+
+def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (its ``config.json``)."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a bagjax training workdir")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def is_workdir(path: str | pathlib.Path) -> bool:
+    return (pathlib.Path(path) / CONFIG_FILE).exists() and (pathlib.Path(path) / CHECKPOINT_DIR).is_dir()

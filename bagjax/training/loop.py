@@ -1,0 +1,379 @@
+"""The train/eval loop: ``train_and_evaluate(config, workdir)``.
+
+In the manner of flax/examples/imagenet and big_vision: parameters are created already sharded
+(``jax.jit(init, out_shardings=...)``), the train step is jitted with in/out shardings and donates the old
+state, batches become global arrays with ``jax.make_array_from_process_local_data``. The data order is a
+function of (seed, step), so a resumed run sees the same batches as an uninterrupted one. Everything the
+user can get wrong is checked before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from bagjax import data
+from bagjax.models import is_bagnet
+from bagjax.training import checkpoints, optim, sharding
+from bagjax.training.metrics import MetricWriter
+from bagjax.training.state import TrainState
+from bagjax.workdir import build_model, write_dataset_info
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients stopped being finite."""
+
+
+# ----------------------------------------------------------------------------------------------- loss
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy with optional label smoothing."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing) \
+        if label_smoothing else jax.nn.one_hot(labels, logits.shape[-1])
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def loss_and_logits(model_name: str, outputs: Any, labels: jax.Array, config: ml_collections.ConfigDict):
+    """Mean training loss and the image logits of a model's outputs (AnchorNet returns a dict)."""
+    if model_name == "anchornet":
+        from bagjax.models import anchornet
+
+        loss = anchornet.training_loss(outputs, labels, aux_weight=config.aux_loss_weight,
+                                       label_smoothing=config.label_smoothing)
+        return loss, anchornet.image_logits(outputs)
+    return cross_entropy(outputs, labels, config.label_smoothing).mean(), outputs
+
+
+def eval_logits(model_name: str, outputs: Any) -> jax.Array:
+    if model_name == "anchornet":
+        from bagjax.models import anchornet
+
+        return anchornet.image_logits(outputs)
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optax update on a global batch; returns the new state and the batch's loss and accuracy."""
+    train_bn = not config.freeze_backbone  # a frozen backbone keeps its BatchNorm statistics too
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if train_bn:
+            outputs, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+        else:
+            outputs, updates = model.apply(variables, batch["image"], train=False), {"batch_stats": state.batch_stats}
+        loss, logits = loss_and_logits(config.model, outputs, batch["label"], config)
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           batch_stats=batch_stats, opt_state=opt_state)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    if config.skip_nonfinite_updates:  # keep the old parameters, count the step
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                 state.replace(step=state.step + 1))
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]), "finite": finite}
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch."""
+    logits = eval_logits(config.model, model.apply(state.variables, batch["image"], train=False))
+    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {"correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "correct_top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask),
+            "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+            "count": jnp.sum(mask)}
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_classes: int) -> None:
+    """Everything a user can get wrong, before any compilation; one actionable line each."""
+    n = jax.device_count()
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % n:
+            raise ValueError(f"{key}={config[key]} is not divisible by the {n} devices: "
+                             f"use a multiple of {n}, e.g. --config.{key}={max(n, config[key] // n * n)}")
+    model = build_model(config, num_classes)
+    rf = getattr(model, "receptive_field", None)
+    if config.model == "anchornet":
+        from bagjax.models.anchornet import RECEPTIVE_FIELDS
+        rf = max(RECEPTIVE_FIELDS)
+    if rf is not None and config.image_size < rf:
+        raise ValueError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
+                         f"use --config.image_size={rf} or larger")
+    features = getattr(model, "num_features", None)
+    if config.head == "identity" and features is not None and num_classes > features:
+        raise ValueError(f"the identity head needs num_classes <= {features} feature channels, got {num_classes}: "
+                         "use --config.head=learned or --config.model_kwargs.identity_expand=True")
+    if config.init_from and not pathlib.Path(config.init_from).exists():
+        raise FileNotFoundError(f"init_from {config.init_from} does not exist: convert the official weights with "
+                                f"python -m bagjax.convert --model {config.model} --torch-weights FILE --out "
+                                f"{config.init_from}, or train from scratch with --config.init_from=''")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}): choose another --workdir") from None
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """``jax.distributed.initialize`` when asked, or (``auto``) when a cluster environment is detected."""
+    dist = config.distributed
+    explicit = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                                            "KUBERNETES_SERVICE_HOST", "JOBSET_NAME"))
+    if dist.initialize == "never" or (dist.initialize == "auto" and not (explicit or cluster)):
+        return
+    kwargs = {}
+    if explicit:
+        kwargs["coordinator_address"] = explicit
+    if dist.num_processes > 0:
+        kwargs["num_processes"] = dist.num_processes
+    if dist.process_id >= 0:
+        kwargs["process_id"] = dist.process_id
+    jax.distributed.initialize(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- state
+def load_pretrained(path: str) -> tuple[dict[str, Any], str]:
+    """Variables from a ``python -m bagjax.convert`` directory or a training workdir, and a description."""
+    from bagjax.training.checkpoints import Checkpoints, is_workdir
+
+    if is_workdir(path):
+        ckpt = Checkpoints(path, read_only=True)
+        try:
+            return ckpt.restore_variables(), f"training workdir {path}"
+        finally:
+            ckpt.close()
+    from bagjax.convert import read_pretrained
+
+    variables, meta = read_pretrained(path)
+    return variables, f"{meta.get('model', '?')} weights converted from {meta.get('source') or path}"
+
+
+def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Take every pretrained array whose path and shape match; the head is re-initialised when its shape differs.
+
+    Returns the merged variables and the paths kept from ``init``. Anything else that does not match is an error.
+    """
+    kept = []
+
+    def pick(path, new):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        node = pretrained
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                node = None
+                break
+            node = node[k]
+        name = "/".join(keys)
+        if node is not None and tuple(np.shape(node)) == tuple(new.shape):
+            return jnp.asarray(node, new.dtype)
+        if "head" in keys:
+            kept.append(name)
+            return new
+        raise ValueError(f"init_from does not fit the model at {name} "
+                         f"({'missing' if node is None else np.shape(node)} vs {tuple(new.shape)}): "
+                         "use weights of the same --config.model")
+
+    return jax.tree_util.tree_map_with_path(pick, init), kept
+
+
+# ----------------------------------------------------------------------------------------------- loop
+def _steps(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> tuple[int, int, int]:
+    steps_per_epoch = max(info.num_train // config.batch_size, 1)
+    total = config.total_steps if config.total_steps > 0 else int(math.ceil(config.num_epochs * steps_per_epoch))
+    every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    return steps_per_epoch, total, every
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can checkpoint at a step boundary and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(p_eval_step, state: TrainState, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
+    """Top-1, top-5 and cross-entropy over the whole eval split, every example counted once."""
+    totals: dict[str, float] = {}
+    for batch in data.eval_batches(config):
+        out = jax.device_get(p_eval_step(state, sharding.global_batch(batch, mesh)))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.get("count", 0.0), 1.0)
+    return {"eval_accuracy": totals["correct"] / count, "eval_top5": totals["correct_top5"] / count,
+            "eval_loss": totals["loss"] / count, "eval_count": int(totals["count"])}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and return the final eval metrics."""
+    workdir = pathlib.Path(workdir)
+    maybe_initialize_distributed(config)
+    info = data.dataset_info(config)
+    num_classes = info.num_classes if config.num_classes <= 0 else config.num_classes
+    if num_classes < info.num_classes:
+        raise ValueError(f"num_classes={num_classes} but the dataset has {info.num_classes} classes: "
+                         f"use --config.num_classes={info.num_classes} (or -1 to take it from the data)")
+    check_config(config, workdir, num_classes)
+    if info.num_skipped:
+        print(f"data: skipped {info.num_skipped} unreadable image(s)", flush=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        checkpoints.write_config(workdir, config)
+        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval)
+
+    steps_per_epoch, total_steps, eval_every = _steps(config, info)
+    mesh = sharding.make_mesh()
+    model = build_model(config, num_classes)
+    dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+
+    def init_variables(rng):
+        variables = model.init(rng, dummy, train=False)
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+    abstract_vars = jax.eval_shape(init_variables, jax.random.key(config.seed))
+    tx = optim.make_optimizer(config, abstract_vars["params"], steps_per_epoch, total_steps)
+
+    def init_state(variables):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                          batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+    abstract_state = jax.eval_shape(init_state, abstract_vars)
+    state_sharding = sharding.state_shardings(abstract_state, mesh, config.fsdp)
+    ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, state_sharding)
+    state = ckpt.restore_latest(abstract_sharded)
+    if state is not None:
+        print(f"resuming from step {int(state.step)} in {ckpt.directory}", flush=True)
+    else:
+        var_sharding = {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats}
+        variables = jax.jit(init_variables, out_shardings=var_sharding)(jax.random.key(config.seed))
+        if config.init_from:
+            pretrained, source = load_pretrained(config.init_from)
+            variables, reinit = merge_pretrained(variables, pretrained)
+            print(f"initialised from {source}" + (f"; new head ({len(reinit)} arrays)" if reinit else ""), flush=True)
+        state = jax.jit(init_state, out_shardings=state_sharding)(variables)
+
+    start_step = int(jax.device_get(state.step))
+    p_train_step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+                           in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                           out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
+                          in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                          out_shardings=sharding.replicated(mesh))
+
+    writer = MetricWriter(workdir, enabled=is_main)
+    preemption = _Preemption()
+    eval_metrics: dict[str, float] = {}
+    batches: Iterator[dict[str, np.ndarray]] = data.train_batches(config, start_step=start_step)
+    bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not is_main, mininterval=1.0)
+    try:
+        last_time, last_step = time.perf_counter(), start_step
+        pending: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet looked at
+
+        def check_finite():
+            flags = jax.device_get([f for _, f in pending])
+            bad = [s for (s, _), ok in zip(pending, flags) if not ok]
+            pending.clear()
+            if bad and not config.skip_nonfinite_updates:
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradients at step {bad[0]}: stopped; the last good checkpoint is kept in "
+                    f"{ckpt.directory}. Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or set "
+                    "skip_nonfinite_updates=True")
+
+        for step in range(start_step + 1, total_steps + 1):
+            state, metrics = p_train_step(state, sharding.global_batch(next(batches), mesh))
+            pending.append((step, metrics["finite"]))
+            if step % config.log_every_steps == 0 or step == total_steps:
+                check_finite()
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                rate = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                writer.write(step, {"train_loss": float(metrics["loss"]), "train_accuracy": float(metrics["accuracy"]),
+                                    "images_per_sec": rate})
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.1f}")
+            bar.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                check_finite()
+                eval_metrics = evaluate(p_eval_step, state, config, mesh)
+                writer.write(step, eval_metrics)
+                ckpt.save(state, {"eval_accuracy": eval_metrics["eval_accuracy"]}, force=True)
+            elif step % config.checkpoint_every_steps == 0:
+                check_finite()
+                ckpt.save(state)
+            if preemption.agreed():
+                check_finite()
+                ckpt.save(state, force=True)
+                ckpt.wait()
+                print(f"preempted: saved a checkpoint at step {step} in {ckpt.directory}; "
+                      "rerun the same command to resume", flush=True)
+                return eval_metrics
+        ckpt.wait()
+    finally:
+        bar.close()
+        preemption.restore()
+        writer.close()
+        ckpt.wait()
+        ckpt.close()
+
+    if not eval_metrics:  # resumed at the end: evaluate what was restored
+        eval_metrics = evaluate(p_eval_step, state, config, mesh)
+    if is_main and is_bagnet(config.model) and config.heatmap_images > 0:
+        _write_heatmaps(config, model, state, workdir, info.class_names)
+    print(f"final eval: accuracy={eval_metrics['eval_accuracy']:.4f} loss={eval_metrics['eval_loss']:.4f} "
+          f"top5={eval_metrics['eval_top5']:.4f} examples={eval_metrics['eval_count']}", flush=True)
+    return eval_metrics
+
+
+def _write_heatmaps(config, model, state, workdir: pathlib.Path, class_names) -> None:
+    """A figure of a few eval images beside the evidence map of their predicted class (heatmaps.png)."""
+    from bagjax import interpret
+
+    batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
+    images = batch["image"][: config.heatmap_images]
+    variables = jax.device_get(state.variables)
+    patch_logits = model.apply(variables, images, train=False, method="patch_logits")
+    predicted = np.asarray(jnp.argmax(patch_logits.mean(axis=(1, 2)), -1))
+    maps = np.take_along_axis(np.asarray(patch_logits), predicted[:, None, None, None], -1)[..., 0]
+    titles = [f"true {class_names[t]} / pred {class_names[p]}" for t, p in zip(batch["label"], predicted)]
+    interpret.save_heatmap_figure(workdir / "heatmaps.png", images, maps, titles)
+    print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
