@@ -13,13 +13,15 @@ def test_per_patch_logits_equal_dense_patch_logits(name):
     model = create_model(name, num_classes=7, width=8, stage_sizes=(2, 1, 2, 1))
     x = jax.random.normal(jax.random.key(1), (2, 64, 57, 3))
     variables = model.init(jax.random.key(0), x)
-    dense = model.apply(variables, x, method="patch_logits")
-    np.testing.assert_allclose(patches.per_patch_logits(model, variables, x), dense, atol=1e-4)
+    dense = jax.jit(lambda v, x: model.apply(v, x, method="patch_logits"))(variables, x)
+    per_patch = jax.jit(lambda v, x, locs: patches.per_patch_logits(model, v, x, locs))
+    np.testing.assert_allclose(jax.jit(lambda v, x: patches.per_patch_logits(model, v, x))(variables, x),
+                               dense, atol=1e-4)
 
     rng = np.random.default_rng(0)
     grid = patches.all_locations(model, 64, 57)
     subset = grid[rng.choice(len(grid), size=5, replace=False)]
-    sparse = patches.per_patch_logits(model, variables, x, subset)
+    sparse = per_patch(variables, x, subset)
     assert sparse.shape == (2, 5, 7)
     np.testing.assert_allclose(sparse, dense[:, subset[:, 0], subset[:, 1]], atol=1e-4)
 
