@@ -1,0 +1,209 @@
+"""AnchorNet (Yang et al., "Localizing Multi-scale Semantic Patches for Image Classification"), as in the paper.
+
+A MobileNetV3-style head (Table 1) feeds three localization branches (Table 2) with receptive fields 63, 95 and
+111 px at stride 8 (grids 21, 17 and 15 on a 224 px input). Each branch B^j:
+
+- two bottlenecks -> features Z; a linear 1x1 conv (with bias) -> class maps F^j (H x W x C);
+- an attention branch: the table's last bottleneck on Z -> X, then Eq. 1-5 -> spatial attention S (softmax
+  over the H*W locations);
+- image logits = sum over locations of F * S (see "pooling" below), softmax-supervised by cross-entropy;
+- training only: an auxiliary classifier FC(GAP(X)) with its own cross-entropy ("a FC layer and softmax
+  function behind the attention features X"; Figure 2 cancels the GAP/FC connection at test). At eval it is
+  neither computed nor returned (its parameters are still created by ``init``).
+
+Pooling ("global average pooling for F^j" after the product with S): S is a probability distribution over
+locations, so ``sum_hw F * S`` already is the attention-weighted *average* of the patch logits -- the paper's
+"linear average aggregation". The literal mean of the product equals that divided by H*W, a fixed temperature
+that differs per branch (441, 289, 225 at 224 px) and would make the branch confidences P^j of Eq. 6-8
+incomparable. bagjax therefore uses ``pooling='sum'`` by default; ``pooling='mean'`` gives the literal reading.
+
+Every conv is unpadded, so location (i, j) of branch rf sees the input box ``[8i, 8i + rf) x [8j, 8j + rf)``
+through the conv path. SE blocks pool globally; see ``bagjax.models.layers`` for holding their gates fixed.
+
+Reading of the tables: Table 2 lists the 3x3/480 bottleneck first in both B63 and B95; each branch gets its own
+(unshared) copy. At 224 px and 1000 classes this gives 2.53M parameters (2.24M without the training-only
+auxiliary FCs; 1.03M of them in SE blocks) and 0.51 G multiply-adds (XLA cost analysis, 1.02 GFLOPs), against
+the paper's 1.6M and 0.5G (the paper's "FLOPs" are multiply-adds, as for MobileNetV3). The FLOPs match; the
+parameter gap sits in parameters that cost almost no FLOPs (SE FCs, classifiers), so the paper likely used a
+smaller SE squeeze or counted differently; the tables do not say.
+
+Not to be confused with the later single-branch localizer in the authors' public code (swish activations,
+95 px patches, no attention branches): that is a different model and is not implemented here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from bagjax.models.layers import Bneck, ConvBN
+
+RECEPTIVE_FIELDS = (63, 95, 111)
+STRIDE = 8
+MIN_INPUT = max(RECEPTIVE_FIELDS)
+POOLINGS = ("sum", "mean")
+
+
+class BneckSpec(NamedTuple):
+    """One row of AnchorNet Table 1/2: kernel, expansion (Exp), output (Out), SE, NL, stride (s)."""
+
+    kernel: int
+    expansion: int
+    out: int
+    se: bool
+    nl: str
+    stride: int
+
+
+# AnchorNet Table 1 (the head). The stem is conv2d 3x3, 16, HS, stride 2.
+STEM_FEATURES = 16
+HEAD = (
+    BneckSpec(3, 16, 16, False, "RE", 2),
+    BneckSpec(3, 72, 24, False, "RE", 2),
+    BneckSpec(1, 88, 24, False, "RE", 1),
+    BneckSpec(1, 96, 40, True, "HS", 1),
+    BneckSpec(1, 240, 40, True, "HS", 1),
+    BneckSpec(1, 240, 40, True, "HS", 1),
+    BneckSpec(1, 120, 48, True, "HS", 1),
+    BneckSpec(3, 144, 48, True, "HS", 1),
+    BneckSpec(3, 288, 96, True, "HS", 1),
+)
+# AnchorNet Table 2: the first two rows of each block build the localization features ...
+BRANCHES = {
+    63: (BneckSpec(3, 480, 96, True, "HS", 1), BneckSpec(1, 576, 96, True, "HS", 1)),
+    95: (BneckSpec(3, 480, 96, True, "HS", 1), BneckSpec(5, 576, 96, True, "HS", 1)),
+    111: (BneckSpec(5, 480, 96, True, "HS", 1), BneckSpec(5, 576, 96, True, "HS", 1)),
+}
+# ... and the last row of each block is the bottleneck of the attention branch.
+ATTENTION = BneckSpec(1, 192, 96, True, "HS", 1)
+
+small_init = nn.initializers.normal(0.01)  # torchvision MobileNetV3 classifier init
+
+
+def grid_size(size: int, rf: int) -> int:
+    """Locations along one axis for ``size`` input pixels (section 3.1: floor((size - rf) / 8) + 1)."""
+    return (size - rf) // STRIDE + 1
+
+
+def pool_logits(class_maps: jax.Array, attention: jax.Array, pooling: str = "sum") -> jax.Array:
+    """Image logits from F (B, H, W, C) and S (B, H, W): ``sum_hw F * S``, or its mean over H*W for 'mean'."""
+    logits = jnp.einsum("bhwc,bhw->bc", class_maps, attention)
+    return logits / (class_maps.shape[1] * class_maps.shape[2]) if pooling == "mean" else logits
+
+
+class SpatialAttention(nn.Module):
+    """Attention of AnchorNet section 3.2, Eq. 1-5: X (B, H, W, C) -> S (B, H, W), summing to 1 over H, W.
+
+    The 1x1 conv compacting X to G~ has no bias: a constant shift cancels in the spatial softmax (Eq. 1).
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        g = nn.Conv(1, (1, 1), use_bias=False, kernel_init=small_init, name="compact")(x)[..., 0]
+        g = jax.nn.softmax(g, axis=(1, 2))  # Eq. 1
+        c = jnp.einsum("bhwc,bhw->bc", x, g)  # Eq. 2
+        c = jax.nn.softmax(c, axis=-1)  # Eq. 3
+        s = jnp.einsum("bhwc,bc->bhw", x, c)  # Eq. 4
+        return jax.nn.softmax(s, axis=(1, 2))  # Eq. 5
+
+
+class LocalizationBranch(nn.Module):
+    """One branch B^rf of AnchorNet Table 2 with its attention branch (Figure 2)."""
+
+    rf: int
+    num_classes: int
+    pooling: str = "sum"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, train: bool) -> dict[str, jax.Array]:
+        z = h
+        for i, spec in enumerate(BRANCHES[self.rf]):
+            z = Bneck(*spec, dtype=self.dtype, name=f"bneck{i}")(z, train)
+        f = nn.Conv(self.num_classes, (1, 1), kernel_init=small_init, dtype=self.dtype,
+                    name="classifier")(z).astype(jnp.float32)
+        x = Bneck(*ATTENTION, dtype=self.dtype, name="attention_bneck")(z, train)
+        s = SpatialAttention(name="attention")(x)
+        out = {"logits": pool_logits(f, s, self.pooling), "class_maps": f, "attention": s}
+        if train or self.is_initializing():
+            gap = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            aux = nn.Dense(self.num_classes, kernel_init=small_init, name="aux_classifier")(gap)
+            if train:
+                out["aux_logits"] = aux
+        return out
+
+
+class AnchorNet(nn.Module):
+    """Three-branch AnchorNet (Figure 2, Tables 1 and 2).
+
+    ``apply(variables, x, train=False)`` returns ``{'logits': {rf: (B, C)}, 'class_maps': {rf: (B, H, W, C)},
+    'attention': {rf: (B, H, W)}}`` for rf in ``RECEPTIVE_FIELDS``; ``train=True`` (with
+    ``mutable=['batch_stats']``) adds ``'aux_logits': {rf: (B, C)}``. Inputs are NHWC, at least 111 px a side.
+    """
+
+    num_classes: int
+    pooling: str = "sum"
+    dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown AnchorNet pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, dict[int, jax.Array]]:
+        if x.ndim != 4 or min(x.shape[1], x.shape[2]) < MIN_INPUT:
+            raise ValueError(f"AnchorNet needs NHWC images of at least {MIN_INPUT}x{MIN_INPUT} px "
+                             f"(its largest receptive field); got shape {tuple(x.shape)}")
+        h = ConvBN(STEM_FEATURES, 3, 2, activation="HS", dtype=self.dtype, name="stem")(x.astype(self.dtype), train)
+        for i, spec in enumerate(HEAD):
+            h = Bneck(*spec, dtype=self.dtype, name=f"head{i}")(h, train)
+        outputs: dict[str, dict[int, jax.Array]] = {}
+        for rf in RECEPTIVE_FIELDS:
+            branch = LocalizationBranch(rf, self.num_classes, self.pooling, self.dtype, name=f"branch{rf}")(h, train)
+            for key, value in branch.items():
+                outputs.setdefault(key, {})[rf] = value
+        return outputs
+
+
+def anchornet(*, num_classes: int, head: str = "learned", dtype: Any = jnp.float32, **kw: Any) -> AnchorNet:
+    """Factory for ``create_model('anchornet', ...)``; ``kw`` may set ``pooling`` ('sum' or 'mean')."""
+    if head != "learned":
+        raise ValueError(f"AnchorNet only supports head='learned' (its classifier is the per-branch linear "
+                         f"1x1 conv of Table 2); got head={head!r}")
+    return AnchorNet(num_classes=num_classes, dtype=jnp.dtype(dtype), **kw)
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def training_loss(outputs: dict[str, dict[int, jax.Array]], labels: jax.Array, *, aux_weight: float = 1.0,
+                  label_smoothing: float = 0.0) -> jax.Array:
+    """Batch mean of the summed branch cross-entropies plus ``aux_weight`` x the summed auxiliary ones.
+
+    Section 3.2: every branch and (in training) every attention branch's FC is supervised by cross-entropy
+    with the image label. The auxiliary term is included when ``outputs`` has ``'aux_logits'`` (train=True).
+    """
+    loss = sum(_cross_entropy(outputs["logits"][rf], labels, label_smoothing) for rf in RECEPTIVE_FIELDS)
+    if "aux_logits" in outputs:
+        loss = loss + aux_weight * sum(_cross_entropy(outputs["aux_logits"][rf], labels, label_smoothing)
+                                       for rf in RECEPTIVE_FIELDS)
+    return jnp.mean(loss)
+
+
+def image_logits(outputs: dict[str, dict[int, jax.Array]]) -> jax.Array:
+    """(B, C) scores for accuracy/top-5: the mean of the three branches' log-softmaxes.
+
+    That is the log of the (unnormalized) geometric mean of the branch distributions B^j (section 3.3), a
+    single ranking in which no branch's logit scale dominates. The paper's own per-image class is the vote of
+    Eq. 7, see ``bagjax.localize.branch_decision``.
+    """
+    return jnp.mean(jnp.stack([jax.nn.log_softmax(outputs["logits"][rf].astype(jnp.float32), axis=-1)
+                               for rf in RECEPTIVE_FIELDS]), axis=0)

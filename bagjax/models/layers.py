@@ -1,0 +1,120 @@
+"""MobileNetV3 building blocks (Howard et al. 2019) with unpadded convolutions, for AnchorNet (Tables 1 and 2).
+
+Every conv is VALID (AnchorNet section 3.1, "padding 0 across all the convolutional layers"), so an output
+location maps to one input box exactly. A bottleneck (``bneck``) is: 1x1 expansion (skipped when the expansion
+equals the input width, as in MobileNetV3) -> k x k depthwise -> optional squeeze-and-excitation -> linear 1x1
+projection, with a residual when the stride is 1 and the widths match. Because the depthwise conv is unpadded,
+the residual is centre-cropped by ``(k - 1) / 2`` pixels per side: the kept input pixel is the centre of the
+depthwise window, so the receptive field stays the one the tables give.
+
+BatchNorm follows torchvision's MobileNetV3 (PyTorch ``momentum=0.01, eps=1e-3``), i.e. Flax ``momentum=0.99``,
+``epsilon=1e-3``; statistics live in the ``batch_stats`` collection.
+
+Squeeze-and-excitation pools over the whole map, so with SE the exact receptive field of a location is the
+whole image; only the conv path is local. For receptive-field checks (and interpretation), the SE gates can
+be held fixed: ``apply(..., mutable=['se_gates'])`` records every gate of that batch, and passing that
+collection back in ``variables`` (``{'params', 'batch_stats', 'se_gates'}``) makes each SE use the stored gate
+instead of pooling, so gradients then see only the conv path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BN_MOMENTUM = 0.99  # PyTorch momentum 0.01 (torchvision MobileNetV3); Flax momentum is 1 - PyTorch momentum.
+BN_EPSILON = 1e-3
+SE_GATES = "se_gates"  # collection that holds recorded/fixed squeeze-and-excitation gates
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision kaiming_normal_(fan_out)
+
+
+def hard_sigmoid(x: jax.Array) -> jax.Array:
+    """relu6(x + 3) / 6 (MobileNetV3 eq. for h-sigmoid)."""
+    return jax.nn.relu6(x + 3.0) / 6.0
+
+
+def hard_swish(x: jax.Array) -> jax.Array:
+    """x * h-sigmoid(x), the 'HS' non-linearity of AnchorNet Tables 1 and 2."""
+    return x * hard_sigmoid(x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"HS": hard_swish, "RE": nn.relu}
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of ``divisor`` without losing more than 10% (MobileNetV3)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+class ConvBN(nn.Module):
+    """Unpadded conv (no bias) -> BatchNorm -> optional non-linearity ('HS' or 'RE')."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    groups: int = 1
+    activation: str | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="VALID",
+                    feature_group_count=self.groups, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                    name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                         dtype=self.dtype, name="bn")(x)
+        return x if self.activation is None else ACTIVATIONS[self.activation](x)
+
+
+class SqueezeExcite(nn.Module):
+    """SE block of MobileNetV3: global mean -> FC(squeeze) -> ReLU -> FC -> h-sigmoid gate, per channel.
+
+    The gate can be recorded into / read from the ``se_gates`` collection (see the module docstring).
+    """
+
+    squeeze: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.relu(nn.Dense(self.squeeze, kernel_init=conv_init, dtype=self.dtype, name="fc1")(pooled))
+        gate = hard_sigmoid(nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="fc2")(s))
+        if self.has_variable(SE_GATES, "gate"):
+            gate = self.get_variable(SE_GATES, "gate")
+        elif self.is_mutable_collection(SE_GATES) and not self.is_initializing():
+            self.put_variable(SE_GATES, "gate", gate)
+        return x * gate.astype(x.dtype)
+
+
+class Bneck(nn.Module):
+    """MobileNetV3 bottleneck with a VALID depthwise conv (one row of AnchorNet Table 1 or 2)."""
+
+    kernel: int
+    expansion: int
+    out: int
+    se: bool
+    nl: str
+    stride: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        cin = x.shape[-1]
+        y = x
+        if self.expansion != cin:
+            y = ConvBN(self.expansion, 1, activation=self.nl, dtype=self.dtype, name="expand")(y, train)
+        y = ConvBN(self.expansion, self.kernel, self.stride, groups=self.expansion, activation=self.nl,
+                   dtype=self.dtype, name="depthwise")(y, train)
+        if self.se:
+            y = SqueezeExcite(make_divisible(self.expansion / 4), dtype=self.dtype, name="se")(y)
+        y = ConvBN(self.out, 1, dtype=self.dtype, name="project")(y, train)
+        if self.stride == 1 and cin == self.out:
+            c = (self.kernel - 1) // 2
+            y = y + x[:, c:x.shape[1] - c, c:x.shape[2] - c]
+        return y
