@@ -1,0 +1,367 @@
+"""bagjax.data: determinism contract, exactly-once eval, odd images, offline errors."""
+
+import io
+import logging
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from bagjax import data
+from bagjax.data import order
+from bagjax.data import preprocess
+from bagjax.data import synthetic
+
+
+def make_config(dataset='synthetic', **data_overrides):
+    cfg = ml_collections.ConfigDict({
+        'dataset': dataset,
+        'image_size': 32,
+        'batch_size': 8,
+        'eval_batch_size': 4,
+        'seed': 3,
+        'data': {
+            'data_dir': '',
+            'manual_dir': '',
+            'train_split': 'train',
+            'eval_split': 'validation',
+            'crop_min_area': 0.08,
+            'flip': True,
+            'crop_fraction': 0.875,
+            'shuffle_buffer': 64,
+            'synthetic_train_size': 40,
+            'synthetic_eval_size': 13,
+            'synthetic_image_size': 32,
+        },
+    })
+    cfg.data.update(data_overrides)
+    return cfg
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def concat(batches):
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def check_train_contract(cfg, steps=7):
+    """Determinism, resume and 2-process slicing equality (order.py contract)."""
+    one = take(data.train_batches(cfg, process_index=0, process_count=1), steps)
+    again = take(data.train_batches(cfg, process_index=0, process_count=1), steps)
+    assert_batches_equal(one, again)
+    resumed = take(data.train_batches(cfg, start_step=steps - 2, process_index=0, process_count=1), 2)
+    assert_batches_equal(one[steps - 2:], resumed)
+    halves = [take(data.train_batches(cfg, process_index=p, process_count=2), steps) for p in (0, 1)]
+    for step in range(steps):
+        assert halves[0][step]['image'].shape[0] == cfg.batch_size // 2
+        assert_batches_equal([one[step]], [concat([halves[0][step], halves[1][step]])])
+    return one
+
+
+def collect_eval(cfg, process_count):
+    per_process = [
+        list(data.eval_batches(cfg, process_index=p, process_count=process_count))
+        for p in range(process_count)
+    ]
+    counts = {len(batches) for batches in per_process}
+    assert len(counts) == 1, f'processes yield different numbers of eval batches: {counts}'
+    images, labels = [], []
+    for step in range(counts.pop()):  # Global order: step, then process.
+        for p in range(process_count):
+            batch = per_process[p][step]
+            assert batch['image'].shape[0] == cfg.eval_batch_size // process_count
+            assert batch['mask'].dtype == bool
+            images.append(batch['image'][batch['mask']])
+            labels.append(batch['label'][batch['mask']])
+            assert np.all(batch['image'][~batch['mask']] == 0)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# ----------------------------------------------------------------- synthetic
+
+
+def test_synthetic_batches_shapes_normalization_and_contract():
+    cfg = make_config()
+    batches = check_train_contract(cfg)
+    batch = batches[0]
+    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
+    unit = batch['image'] * np.asarray(data.STDDEV_RGB) + np.asarray(data.MEAN_RGB)
+    assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5 and unit.std() > 0.05
+    assert data.MEAN_RGB == (0.485, 0.456, 0.406) and data.STDDEV_RGB == (0.229, 0.224, 0.225)
+
+
+def test_synthetic_epoch_is_a_balanced_permutation():
+    cfg = make_config()  # 40 train examples, 10 classes, batch 8: 5 steps = one epoch.
+    info = data.dataset_info(cfg)
+    assert (info.num_classes, info.num_train, info.num_eval, info.num_skipped) == (10, 40, 13, 0)
+    assert info.class_names[:2] == ('hstripes', 'vstripes')
+    epoch = order.epoch_permutation(cfg.seed, 0, 40)
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(40))
+    labels = np.concatenate([b['label'] for b in take(data.train_batches(cfg, process_index=0, process_count=1), 5)])
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, 4))
+    assert not np.array_equal(epoch, order.epoch_permutation(cfg.seed, 1, 40))
+    assert not np.array_equal(epoch, order.epoch_permutation(cfg.seed + 1, 0, 40))
+
+
+def test_synthetic_generation_is_deterministic_with_boxes():
+    variant = synthetic.get_variant('default')
+    a_image, a_label, a_boxes = synthetic.make_example(variant, 48, 0, 17)
+    b_image, b_label, b_boxes = synthetic.make_example(variant, 48, 0, 17)
+    np.testing.assert_array_equal(a_image, b_image)
+    np.testing.assert_array_equal(a_boxes, b_boxes)
+    assert a_label == b_label == 7 and a_image.dtype == np.uint8
+    assert 1 <= len(a_boxes) <= 3 and np.all(a_boxes[:, 2:] - a_boxes[:, :2] >= 11)
+    assert not np.array_equal(a_image, synthetic.make_example(variant, 48, 1, 17)[0])
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_synthetic_eval_exactly_once_with_padding(process_count):
+    cfg = make_config()  # 13 eval examples, global eval batch 4 -> 4 batches, 3 padded slots.
+    images, labels = collect_eval(cfg, process_count)
+    split = synthetic.load_split('default', 'validation', 13, 32)
+    np.testing.assert_array_equal(labels, split.labels)
+    expected = np.stack([preprocess.resize_full(im, 32) for im in split.images])
+    np.testing.assert_allclose(images, expected)
+
+
+def test_synthetic_tiny_variant_and_slicing():
+    cfg = make_config('synthetic:tiny', train_split='train[:75%]', eval_split='train[75%:]')
+    info = data.dataset_info(cfg)
+    assert (info.num_classes, info.num_train, info.num_eval) == (4, 36, 12)
+    cfg.batch_size = 6
+    assert next(data.train_batches(cfg, process_index=0, process_count=1))['image'].shape == (6, 32, 32, 3)
+
+
+def test_bad_specs_and_batches_are_one_line_errors():
+    with pytest.raises(ValueError, match='unknown dataset spec'):
+        data.dataset_info(make_config('mnist'))
+    with pytest.raises(ValueError, match='unknown synthetic variant'):
+        data.dataset_info(make_config('synthetic:nope'))
+    with pytest.raises(ValueError, match='multiple of the process count'):
+        next(data.train_batches(make_config(), process_index=0, process_count=3))
+    with pytest.raises(ValueError, match='bad split'):
+        order.parse_split('train[:70%')
+
+
+def test_split_slicing_matches_tfds_rounding():
+    assert order.parse_split('train[:70%]').bounds(3670) == (0, 2569)
+    assert order.parse_split('train[70%:90%]').bounds(3670) == (2569, 3303)
+    assert order.parse_split('train[-10:]').bounds(100) == (90, 100)
+    assert order.parse_split('validation').bounds(7) == (0, 7)
+
+
+# ----------------------------------------------------------------- preprocessing
+
+
+def test_random_resized_crop_box_follows_torchvision_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = preprocess.random_resized_crop_box(rng, 120, 200, (0.08, 1.0))
+        assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 200
+        assert 0.08 * 0.9 <= h * w / (120 * 200) <= 1.0
+        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+    # No crop of a 1 x 100 strip fits the aspect range: center fallback, ratio clamped.
+    assert preprocess.random_resized_crop_box(rng, 1, 100, (0.5, 1.0)) == (0, 49, 1, 1)
+
+
+def test_preprocess_for_eval_resize_then_center_crop():
+    ramp = np.broadcast_to(np.arange(400, dtype=np.float64) * 255 / 399, (300, 400))
+    image = np.stack([ramp, np.full((300, 400), 128.0), np.zeros((300, 400))], -1).astype(np.uint8)
+    out = data.preprocess_for_eval(image, 224)
+    assert out.shape == (224, 224, 3) and out.dtype == np.float32
+    # Shorter side 300 -> 256, width 341, center crop keeps columns 58..282 of 341.
+    red = out[..., 0] * 0.229 + 0.485
+    assert abs(red[:, 0].mean() - 58 / 340) < 0.01 and abs(red[:, -1].mean() - 281 / 340) < 0.01
+    np.testing.assert_allclose(out[..., 1], (128 / 255 - 0.456) / 0.224, atol=1e-5)
+    with pytest.raises(ValueError, match='crop_fraction'):
+        data.preprocess_for_eval(image, 224, crop_fraction=0.0)
+
+
+# ----------------------------------------------------------------- imagefolder
+
+LABELS = ('cat', 'dog', 'fish')
+
+
+def _rgb(rng, h, w):
+    return (rng.random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _save(path, image, fmt, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt, **kw)
+
+
+def make_image_folder(root, rng, train_per_label=3, val_per_label=2, labels=LABELS, val_labels=None):
+    for split, count, split_labels in (
+        ('train', train_per_label, labels),
+        ('val', val_per_label, labels if val_labels is None else val_labels),
+    ):
+        for label in split_labels:
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                h, w = rng.integers(20, 60, size=2)
+                _save(root / split / label / f'{i}.jpg', Image.fromarray(_rgb(rng, h, w)), 'JPEG')
+
+
+def add_odd_images(root, rng):
+    """Odd but readable formats (converted) and unreadable files (skipped). Returns #unreadable."""
+    base = root / 'train'
+    rgb = Image.fromarray(_rgb(rng, 40, 50))
+    _save(base / 'cat' / 'gray.png', rgb.convert('L'), 'PNG')
+    _save(base / 'cat' / 'rgba.PNG', rgb.convert('RGBA'), 'PNG')
+    _save(base / 'dog' / 'palette.png', rgb.convert('P'), 'PNG')
+    _save(base / 'dog' / 'cmyk.jpeg', rgb.convert('CMYK'), 'JPEG')
+    _save(base / 'fish' / 'sixteen.png', Image.fromarray(np.full((30, 30), 32896, np.uint16)), 'PNG')
+    (base / 'fish' / 'notes.txt').write_text('not an image, not listed')
+    (base / 'cat' / 'garbage.jpg').write_bytes(rng.bytes(500))
+    (base / 'dog' / 'empty.png').write_bytes(b'')
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(rng, 64, 64)).save(buf, 'JPEG')
+    (base / 'fish' / 'truncated.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / 'val' / 'dog' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\nnope')
+    return 4
+
+
+def test_load_image_file_converts_odd_modes(tmp_path):
+    rng = np.random.default_rng(0)
+    make_image_folder(tmp_path, rng)
+    add_odd_images(tmp_path, rng)
+    for name in ('cat/gray.png', 'cat/rgba.PNG', 'dog/palette.png', 'dog/cmyk.jpeg', 'fish/sixteen.png'):
+        image = data.load_image_file(str(tmp_path / 'train' / name))
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3, name
+    sixteen = data.load_image_file(str(tmp_path / 'train' / 'fish' / 'sixteen.png'))
+    assert np.all(sixteen == 128)  # 16-bit 32896 scales to 128, not clipped to 255.
+    for name in ('cat/garbage.jpg', 'dog/empty.png', 'fish/truncated.jpg', 'nothere.jpg'):
+        with pytest.raises(ValueError, match='unreadable image') as err:
+            data.load_image_file(str(tmp_path / 'train' / name))
+        assert '\n' not in str(err.value)
+
+
+def test_imagefolder_skips_and_reports_unreadable_files(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    make_image_folder(tmp_path, rng)
+    unreadable = add_odd_images(tmp_path, rng)
+    cfg = make_config(f'imagefolder:{tmp_path}', eval_split='val', crop_min_area=0.2)
+    cfg.batch_size, cfg.eval_batch_size, cfg.image_size = 6, 4, 24
+    with caplog.at_level(logging.WARNING):
+        info = data.dataset_info(cfg)
+    assert info.class_names == LABELS and info.num_classes == 3
+    assert (info.num_train, info.num_eval, info.num_skipped) == (9 + 5, 6, unreadable)
+    warnings = ' '.join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert 'skipped 3 unreadable' in warnings and 'garbage.jpg' in warnings
+    assert 'skipped 1 unreadable' in warnings and 'broken.png' in warnings
+    batches = check_train_contract(cfg, steps=4)  # 4 * 6 > 14: crosses an epoch boundary.
+    assert batches[0]['image'].shape == (6, 24, 24, 3)
+    for process_count in (1, 2):
+        images, labels = collect_eval(cfg, process_count)
+        assert images.shape == (6, 24, 24, 3)
+        np.testing.assert_array_equal(np.bincount(labels), [2, 2, 2])
+
+
+@pytest.mark.parametrize(
+    'val_labels, word', [(('cat', 'dog'), "missing ['fish']"), (LABELS + ('owl',), "extra ['owl']")]
+)
+def test_imagefolder_label_dirs_must_match_train(tmp_path, val_labels, word):
+    make_image_folder(tmp_path, np.random.default_rng(2), train_per_label=1, val_per_label=1, val_labels=val_labels)
+    with pytest.raises(ValueError, match='class mapping') as err:
+        data.dataset_info(make_config(f'imagefolder:{tmp_path}', eval_split='val'))
+    assert word in str(err.value) and '\n' not in str(err.value)
+
+
+def test_imagefolder_missing_split_or_path(tmp_path):
+    make_image_folder(tmp_path, np.random.default_rng(3), train_per_label=1, val_per_label=1)
+    with pytest.raises(ValueError, match="no split directory 'validation'"):
+        data.dataset_info(make_config(f'imagefolder:{tmp_path}'))
+    with pytest.raises(ValueError, match='is not a directory'):
+        data.dataset_info(make_config(f'imagefolder:{tmp_path / "nope"}'))
+
+
+# ----------------------------------------------------------------- tfds
+
+
+@pytest.mark.parametrize('name', ['no_such_dataset_bagjax', 'tf_flowers'])
+def test_tfds_offline_error_is_one_actionable_line(tmp_path, name):
+    cfg = make_config(f'tfds:{name}', data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'manual'))
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.dataset_info(cfg)
+    message = str(err.value)
+    assert '\n' not in message and name in message
+    for way_out in ('data_dir', 'manual_dir', 'imagefolder:'):
+        assert way_out in message
+
+
+def test_tfds_stream_contract_on_a_locally_built_dataset(tmp_path):
+    tfds = pytest.importorskip('tensorflow_datasets')
+    epath = pytest.importorskip('etils.epath')
+
+    class BagjaxTestShapes(tfds.core.GeneratorBasedBuilder):
+        """11 train / 5 test images built offline in tmp_path."""
+
+        VERSION = tfds.core.Version('1.0.0')
+        pkg_dir_path = epath.Path(tmp_path)  # No package metadata: a class defined in a test.
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({
+                    'image': tfds.features.Image(shape=(None, None, 3)),
+                    'label': tfds.features.ClassLabel(names=['a', 'b']),
+                }),
+                supervised_keys=('image', 'label'),
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {'train': self._generate_examples(11, 0), 'test': self._generate_examples(5, 1)}
+
+        def _generate_examples(self, n, seed):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                yield i, {'image': _rgb(rng, 20 + i, 30), 'label': i % 2}
+
+    cfg = make_config('tfds:bagjax_test_shapes', data_dir=str(tmp_path), eval_split='test')
+    cfg.eval_batch_size = 4
+    info = data.dataset_info(cfg)
+    assert (info.class_names, info.num_train, info.num_eval) == (('a', 'b'), 11, 5)
+    batches = check_train_contract(cfg, steps=7)  # 56 examples: five epochs of 11.
+    labels = np.concatenate([b['label'] for b in batches])[:55]
+    # Each epoch is a permutation of the 11 examples (6 label a, 5 label b).
+    np.testing.assert_array_equal(labels.reshape(5, 11).sum(1), [5] * 5)
+    stored = tfds.builder('bagjax_test_shapes', data_dir=str(tmp_path)).as_dataset(split='test')
+    expected = [(data.preprocess_for_eval(ex['image'], 32), ex['label']) for ex in tfds.as_numpy(stored)]
+    for process_count in (1, 2):
+        images, labels = collect_eval(cfg, process_count)
+        np.testing.assert_array_equal(labels, [label for _, label in expected])
+        np.testing.assert_allclose(images, np.stack([image for image, _ in expected]))
+    cfg.data.eval_split = 'train[50%:]'  # TFDS slicing: examples 6..10 of 11.
+    assert data.dataset_info(cfg).num_eval == 5
+    assert collect_eval(cfg, 2)[1].shape == (5,)
+
+
+def test_synthetic_pipeline_never_imports_tensorflow():
+    # The GPU machine has no TensorFlow: the synthetic path must run without it.
+    code = (
+        'import sys, ml_collections as mc, bagjax.data as d\n'
+        "c = mc.ConfigDict({'dataset': 'synthetic:tiny', 'image_size': 16, 'batch_size': 4, 'eval_batch_size': 4,"
+        " 'seed': 0, 'data': {'data_dir': '', 'manual_dir': '', 'train_split': 'train', 'eval_split': 'validation',"
+        " 'crop_min_area': 0.08, 'flip': True, 'crop_fraction': 0.875, 'shuffle_buffer': 8,"
+        " 'synthetic_train_size': 0, 'synthetic_eval_size': 0, 'synthetic_image_size': 0}})\n"
+        'next(d.train_batches(c, process_index=0, process_count=1))\n'
+        'list(d.eval_batches(c, process_index=0, process_count=1))\n'
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+    )
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
