@@ -31,3 +31,47 @@ def run_train(config: str, workdir, *overrides: str, devices: int = 1, check: bo
 
 def read_metrics(workdir) -> list[dict]:
     return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- helpers of the multi-process and fault-tolerance tests (test_launch.py, test_fault_tolerance.py)
+def cached_env(env: dict[str, str], cache_dir) -> dict[str, str]:
+    """``env`` with a persistent JAX compilation cache, so restarts within one test skip recompiling."""
+    return dict(env, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def launch_cmd(config: str, workdir, *overrides: str, processes: int = 2, devices_per_process: int = 2) -> list[str]:
+    """``python -m bagjax.launch ... -- train.py ...``: the local multi-process launcher around train.py."""
+    return [sys.executable, "-m", "bagjax.launch", f"--processes={processes}",
+            f"--devices-per-process={devices_per_process}", "--", *train_cmd(config, workdir, *overrides)[1:]]
+
+
+def run_cmd(cmd: list[str], env: dict[str, str], *, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; with ``check`` a failure shows the end of its output."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """The finished checkpoint steps on disk (orbax renames a step's temporary directory when it is complete)."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def restore_params(workdir, step: int) -> dict:
+    """``{'params', 'batch_stats'}`` of one checkpoint step of a workdir, as numpy arrays."""
+    from bagjax.training.checkpoints import Checkpoints
+
+    ckpt = Checkpoints(workdir, read_only=True)
+    try:
+        return ckpt.restore_variables(step)
+    finally:
+        ckpt.close()
+
+
+def train_losses(workdir) -> dict[int, float]:
+    """The last logged train loss of every step in ``metrics.jsonl`` (a resumed run logs its steps again)."""
+    return {m["step"]: m["train_loss"] for m in read_metrics(workdir) if "train_loss" in m}

@@ -47,7 +47,9 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
                                                read_only=read_only, enable_async_checkpointing=True)
         self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-        self.manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        # Handlers up front, so item_metadata can describe a step before anything was restored from it.
+        self.manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options,
+                                             item_handlers={k: ocp.StandardCheckpointHandler() for k in _ITEMS})
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -70,20 +72,49 @@ class Checkpoints:
         """
         target = _items(abstract_state)
         for step in reversed(self.all_steps()):
+            self._check_fits(step, target)
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
             except Exception as e:  # orbax raises many types for damaged files; all mean "not usable"
                 logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to an earlier step",
                                 step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-                print(f"warning: checkpoint step {step} is corrupt or incomplete, falling back to an earlier step",
-                      flush=True)
+                aside = self._set_aside(step)
+                print(f"warning: checkpoint step {step} is corrupt or incomplete (moved to {aside}), "
+                      "falling back to an earlier step", flush=True)
                 continue
             opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
             opt_state = jax.tree.unflatten(jax.tree.structure(abstract_state.opt_state), opt_leaves)
             return TrainState(step=restored["step"]["step"], params=restored["params"],
                               batch_stats=restored["batch_stats"], opt_state=opt_state)
         return None
+
+    def _check_fits(self, step: int, target: dict[str, Any]) -> None:
+        """Raise if a readable step holds a different model (a config change), rather than treat it as corrupt."""
+        try:
+            metadata = self.manager.item_metadata(step)
+            saved = {k: jax.tree.map(lambda m: tuple(m.shape), metadata[k]) for k in ("params", "opt_state")}
+        except Exception:  # unreadable metadata: restore will fail and the step is set aside as corrupt
+            return
+        wanted = {k: jax.tree.map(lambda a: tuple(a.shape), target[k]) for k in ("params", "opt_state")}
+        if saved != wanted:
+            raise ValueError(f"the checkpoints in {self.directory} were written by a different model or optimizer "
+                             "config than this run's: use a new --workdir, or the config in its config.json")
+
+    def _set_aside(self, step: int) -> pathlib.Path:
+        """Rename an unreadable step to ``corrupt-STEP`` (kept for inspection), so training can save that step again."""
+        target = self.directory / f"corrupt-{step}"
+        if jax.process_index() == 0:
+            n = 1
+            while target.exists():
+                target, n = self.directory / f"corrupt-{step}-{n}", n + 1
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"bagjax_set_aside_{step}")
+        self.manager.reload()
+        return target
 
     def restore_variables(self, step: int | None = None) -> dict[str, Any]:
         """``{'params', 'batch_stats'}`` of a step (default: the best by eval accuracy, else the latest), as numpy."""
@@ -93,8 +124,16 @@ class Checkpoints:
                 step = self.manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}: train first (python train.py ...)")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(), batch_stats=ocp.args.StandardRestore()))
+        # Onto this process's first device, whatever mesh the checkpoint was saved from (4 GPUs, 2 hosts, ...).
+        metadata = self.manager.item_metadata(step)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def target(name):
+            return ocp.args.StandardRestore(jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name]))
+
+        restored = self.manager.restore(step, args=ocp.args.Composite(params=target("params"),
+                                                                      batch_stats=target("batch_stats")))
         return jax.tree.map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
 
 

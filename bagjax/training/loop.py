@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 
 from bagjax import data
 from bagjax.models import is_bagnet
@@ -130,7 +131,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
                                 f"{config.init_from}, or train from scratch with --config.init_from=''")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test.{jax.process_index()}"  # one per process: no unlink race
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -138,20 +139,36 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """``jax.distributed.initialize`` when asked, or (``auto``) when a cluster environment is detected."""
+    """``jax.distributed.initialize`` when asked, or (``auto``) when a multi-process launch is detected.
+
+    Explicit settings come from ``config.distributed.*`` or else the environment: ``JAX_COORDINATOR_ADDRESS``
+    (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (what ``python -m bagjax.launch``
+    sets). Anything left unset is auto-detected by JAX (Slurm, Open MPI, Kubernetes, Cloud TPU). ``auto`` only
+    initializes when a coordinator is given or a launcher with more than one task is detected (Slurm
+    ``SLURM_NTASKS``, Open MPI ``OMPI_COMM_WORLD_SIZE``, a Kubernetes JobSet or indexed Job, a multi-host TPU
+    slice's ``TPU_WORKER_HOSTNAMES``), so a single process inside such an environment still runs standalone.
+    """
     dist = config.distributed
-    explicit = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                            "KUBERNETES_SERVICE_HOST", "JOBSET_NAME"))
-    if dist.initialize == "never" or (dist.initialize == "auto" and not (explicit or cluster)):
+    env = os.environ
+    address = dist.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = dist.num_processes if dist.num_processes > 0 else int(env.get("JAX_NUM_PROCESSES", -1))
+    process_id = dist.process_id if dist.process_id >= 0 else int(env.get("JAX_PROCESS_ID", -1))
+    cluster = (int(env.get("SLURM_NTASKS", 1)) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
+               or "JOBSET_NAME" in env or "JOB_COMPLETION_INDEX" in env
+               or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    if dist.initialize not in ("auto", "always", "never"):
+        raise ValueError(f"distributed.initialize={dist.initialize!r}: use auto, always or never")
+    if dist.initialize == "never" or (dist.initialize == "auto" and not (address or cluster)):
         return
-    kwargs = {}
-    if explicit:
-        kwargs["coordinator_address"] = explicit
-    if dist.num_processes > 0:
-        kwargs["num_processes"] = dist.num_processes
-    if dist.process_id >= 0:
-        kwargs["process_id"] = dist.process_id
+    if jax.distributed.is_initialized():
+        return
+    kwargs: dict[str, Any] = {}
+    if address:
+        kwargs["coordinator_address"] = address
+    if num_processes > 0:
+        kwargs["num_processes"] = num_processes
+    if process_id >= 0:
+        kwargs["process_id"] = process_id
     jax.distributed.initialize(**kwargs)
 
 
@@ -221,8 +238,6 @@ class _Preemption:
     def agreed(self) -> bool:
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
     def restore(self):
@@ -357,20 +372,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     if not eval_metrics:  # resumed at the end: evaluate what was restored
         eval_metrics = evaluate(p_eval_step, state, config, mesh)
-    if is_main and is_bagnet(config.model) and config.heatmap_images > 0:
-        _write_heatmaps(config, model, state, workdir, info.class_names)
+    if is_bagnet(config.model) and config.heatmap_images > 0:
+        # Every process takes part: gathering FSDP-sharded parameters that span processes is a collective.
+        variables = multihost_utils.process_allgather(state.variables, tiled=True)
+        if is_main:
+            _write_heatmaps(config, model, variables, workdir, info.class_names)
     print(f"final eval: accuracy={eval_metrics['eval_accuracy']:.4f} loss={eval_metrics['eval_loss']:.4f} "
           f"top5={eval_metrics['eval_top5']:.4f} examples={eval_metrics['eval_count']}", flush=True)
     return eval_metrics
 
 
-def _write_heatmaps(config, model, state, workdir: pathlib.Path, class_names) -> None:
+def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names) -> None:
     """A figure of a few eval images beside the evidence map of their predicted class (heatmaps.png)."""
     from bagjax import interpret
 
     batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
     images = batch["image"][: config.heatmap_images]
-    variables = jax.device_get(state.variables)
     patch_logits = model.apply(variables, images, train=False, method="patch_logits")
     predicted = np.asarray(jnp.argmax(patch_logits.mean(axis=(1, 2)), -1))
     maps = np.take_along_axis(np.asarray(patch_logits), predicted[:, None, None, None], -1)[..., 0]

@@ -19,8 +19,8 @@ FSDP_MIN_SIZE = 2**14
 
 
 def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices of all processes."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+    """A 1-D mesh over all devices of all processes, in Auto mode (newer JAX defaults to Explicit sharding types)."""
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

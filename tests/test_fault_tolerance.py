@@ -1,0 +1,160 @@
+"""Fault tolerance of train.py: SIGKILLs with restarts, a corrupt latest checkpoint, non-finite losses, config errors.
+
+Every run is a real ``train.py`` subprocess on the smoke config; the runs of this module share a persistent
+compilation cache, so a restart costs start-up and restore, not compilation. ``BAGJAX_LONG_TESTS=1`` runs the
+long variant of the kill test (more kills over a longer run).
+"""
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from trainutil import (ROOT, cached_env, checkpoint_steps, read_metrics, restore_params, run_cmd, train_cmd,
+                       train_env)
+
+LONG = os.environ.get("BAGJAX_LONG_TESTS") == "1"
+STEPS = 100 if LONG else 24
+KILLS = 20 if LONG else 5
+ARGS = (f"--config.total_steps={STEPS}", "--config.checkpoint_every_steps=1", f"--config.eval_every_steps={STEPS}",
+        "--config.log_every_steps=1", "--config.heatmap_images=0")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache):
+    """The uninterrupted run every interrupted one must reproduce."""
+    workdir = tmp_path_factory.mktemp("straight")
+    run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), cached_env(train_env(), cache))
+    return workdir
+
+
+def _assert_same_params(a, b):
+    """One device, same executables, same batches: a resumed run is bit-for-bit the uninterrupted one."""
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+
+
+def _entries(workdir: pathlib.Path) -> set[str]:
+    directory = workdir / "checkpoints"
+    return {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+
+
+def test_sigkill_at_random_points_then_restart_ends_with_the_uninterrupted_parameters(straight, tmp_path, cache):
+    """Each kill lands a random 0-250 ms after a new checkpoint directory appears, often mid-write."""
+    rng = np.random.default_rng(0)
+    workdir, env, cmd = tmp_path / "run", cached_env(train_env(), cache), train_cmd("demo.py:smoke", tmp_path / "run",
+                                                                                  *ARGS)
+    partly_written = 0  # kills that left a temporary (unfinished) checkpoint directory behind
+    for kill in range(KILLS):
+        before, seen = checkpoint_steps(workdir), _entries(workdir)
+        log = tmp_path / f"life{kill}.log"
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+            while proc.poll() is None and not _entries(workdir) - seen:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.25))
+            proc.kill()
+            proc.wait()
+        partly_written += any(not name.isdigit() for name in _entries(workdir))
+        out = log.read_text()
+        assert proc.returncode == -9, f"run {kill} ended by itself before its kill ({proc.returncode}):\n{out[-3000:]}"
+        assert "corrupt or incomplete" not in out, out[-3000:]  # a partly written step is never taken as the latest
+        if before:
+            assert f"resuming from step {before[-1]} " in out, out[-3000:]
+    latest = checkpoint_steps(workdir)[-1]
+    assert latest < STEPS
+    print(f"{KILLS} kills, {partly_written} of them mid-write; resuming the last time from step {latest}")
+    last = run_cmd(cmd, env)
+    assert f"resuming from step {latest} " in last.stdout
+    assert last.stdout.strip().splitlines()[-1].startswith("final eval:")
+    _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
+
+
+def test_corrupt_latest_checkpoint_warns_names_it_and_falls_back_to_the_previous_step(straight, tmp_path, cache):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    latest = checkpoint_steps(workdir)[-1]
+    for path in (workdir / "checkpoints" / str(latest)).rglob("*"):
+        if path.is_file():
+            os.truncate(path, path.stat().st_size // 2)
+    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), cached_env(train_env(), cache))
+    assert f"warning: checkpoint step {latest} is corrupt or incomplete" in proc.stdout, proc.stdout[-3000:]
+    assert f"resuming from step {latest - 1} " in proc.stdout
+    _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
+
+
+NAN_ARGS = ("--config.total_steps=6", "--config.checkpoint_every_steps=1", "--config.eval_every_steps=6",
+            "--config.log_every_steps=1", "--config.heatmap_images=0", "--config.keep_checkpoints=10",
+            "--config.optimizer.learning_rate=1e30")  # step 1's update overflows the network: loss NaN at step 2
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache):
+    proc = run_cmd(train_cmd("demo.py:smoke", tmp_path, *NAN_ARGS), cached_env(train_env(), cache), check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss or gradients at step 2: stopped; the last good checkpoint is kept in " \
+           f"{tmp_path / 'checkpoints'}" in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+    assert checkpoint_steps(tmp_path) == [1]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restore_params(tmp_path, 1)))
+
+
+def test_skip_nonfinite_updates_keeps_training_on_the_last_finite_parameters(tmp_path, cache):
+    proc = run_cmd(train_cmd("demo.py:smoke", tmp_path, *NAN_ARGS, "--config.skip_nonfinite_updates=True"),
+                   cached_env(train_env(), cache))
+    assert proc.stdout.strip().splitlines()[-1].startswith("final eval:")
+    losses = [m["train_loss"] for m in read_metrics(tmp_path) if "train_loss" in m]
+    assert np.isfinite(losses[0]) and not np.isfinite(losses[1:]).any()
+    assert checkpoint_steps(tmp_path)[-1] == 6
+    _assert_same_params(restore_params(tmp_path, 1), restore_params(tmp_path, 6))  # steps 2-6 were skipped
+
+
+def _snapshot(directory: pathlib.Path) -> dict[str, tuple[int, str]]:
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+CONFIG_ERRORS = {
+    "batch_not_divisible": (("--config.batch_size=6",),
+                            "batch_size=6 is not divisible by the 4 devices: use a multiple of 4, "
+                            "e.g. --config.batch_size=4"),
+    "image_below_receptive_field": (("--config.image_size=16",),
+                                    "image_size=16 is below bagnet17's receptive field of 17 px: "
+                                    "use --config.image_size=17 or larger"),
+    "identity_head_too_many_classes": (("--config.head=identity", "--config.num_classes=300"),
+                                       "the identity head needs num_classes <= 256 feature channels, got 300: use "
+                                       "--config.head=learned or --config.model_kwargs.identity_expand=True"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
+def test_config_error_is_one_line_before_compiling_and_leaves_the_workdir_untouched(case, straight, tmp_path):
+    overrides, message = CONFIG_ERRORS[case]
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    before = _snapshot(workdir)
+    cache = tmp_path / "cache"  # anything compiled would land here
+    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS, *overrides), cached_env(train_env(4), cache),
+                   check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith(message), proc.stderr[-3000:]
+    assert not cache.exists() or not any(cache.iterdir()), "something was compiled before the config check"
+    assert _snapshot(workdir) == before
+
+
+def test_unwritable_workdir_is_one_line_before_compiling(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    workdir, cache = tmp_path / "file" / "run", tmp_path / "cache"
+    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), cached_env(train_env(), cache), check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"workdir {workdir} is not writable (Not a directory): choose another --workdir"), proc.stderr[-3000:]
+    assert not cache.exists() or not any(cache.iterdir()), "something was compiled before the config check"
