@@ -308,7 +308,7 @@ class TfdsSource:
     def num_examples(self, split: str) -> int:
         try:
             return int(self._builder.info.splits[split].num_examples)
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError):
             raise ValueError(
                 f'tfds dataset {self.name!r} has no split {split!r}: '
                 f'available {list(self._builder.info.splits)}'

@@ -30,6 +30,11 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{key path: shape}`` of every leaf, comparable between a saved step's metadata and a target state."""
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _items(state: TrainState) -> dict[str, Any]:
     return {"step": {"step": state.step}, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": _flat(state.opt_state)}
@@ -93,11 +98,10 @@ class Checkpoints:
         """Raise if a readable step holds a different model (a config change), rather than treat it as corrupt."""
         try:
             metadata = self.manager.item_metadata(step)
-            saved = {k: jax.tree.map(lambda m: tuple(m.shape), metadata[k]) for k in ("params", "opt_state")}
+            saved = {k: _shapes(getattr(metadata[k], "tree", metadata[k])) for k in ("params", "opt_state")}
         except Exception:  # unreadable metadata: restore will fail and the step is set aside as corrupt
             return
-        wanted = {k: jax.tree.map(lambda a: tuple(a.shape), target[k]) for k in ("params", "opt_state")}
-        if saved != wanted:
+        if saved != {k: _shapes(target[k]) for k in ("params", "opt_state")}:
             raise ValueError(f"the checkpoints in {self.directory} were written by a different model or optimizer "
                              "config than this run's: use a new --workdir, or the config in its config.json")
 

@@ -257,7 +257,10 @@ def evaluate(p_eval_step, state: TrainState, config: ml_collections.ConfigDict, 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and return the final eval metrics."""
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and return the final eval metrics.
+
+    A run stopped by SIGTERM returns the metrics it has with ``preempted=True`` after checkpointing.
+    """
     workdir = pathlib.Path(workdir)
     maybe_initialize_distributed(config)
     info = data.dataset_info(config)
@@ -269,9 +272,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if info.num_skipped:
         print(f"data: skipped {info.num_skipped} unreadable image(s)", flush=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        checkpoints.write_config(workdir, config)
-        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval)
 
     steps_per_epoch, total_steps, eval_every = _steps(config, info)
     mesh = sharding.make_mesh()
@@ -306,6 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(f"initialised from {source}" + (f"; new head ({len(reinit)} arrays)" if reinit else ""), flush=True)
         state = jax.jit(init_state, out_shardings=state_sharding)(variables)
 
+    if is_main:  # only now: a run refused above must not overwrite the workdir's record of its config
+        checkpoints.write_config(workdir, config)
+        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval)
     start_step = int(jax.device_get(state.step))
     p_train_step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                            in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
@@ -361,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 ckpt.wait()
                 print(f"preempted: saved a checkpoint at step {step} in {ckpt.directory}; "
                       "rerun the same command to resume", flush=True)
-                return eval_metrics
+                return {**eval_metrics, "preempted": True}
         ckpt.wait()
     finally:
         bar.close()

@@ -1,0 +1,143 @@
+"""Patch/channel blackout (Zou, Yan & Liu, sections 5-6, Table 1) and sparse kept-patch evaluation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bagjax import data, patches
+from bagjax.experiments import blackout
+from bagjax.models import create_model
+from bagjax.workdir import load_trained
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """A two-step BagNet-17 smoke run: its workdir, final eval metrics and the loaded model."""
+    from configs import demo
+    from bagjax.training.loop import train_and_evaluate
+
+    config = demo.get_config("smoke")
+    config.heatmap_images = 0
+    workdir = tmp_path_factory.mktemp("blackout_smoke")
+    metrics = train_and_evaluate(config, str(workdir))
+    return workdir, metrics, load_trained(workdir)
+
+
+def _eval_batch(trained):
+    return next(iter(data.eval_batches(trained.config, process_index=0, process_count=1)))
+
+
+def test_keep_all_equals_plain_eval(smoke):
+    _, metrics, trained = smoke
+    rows = blackout.run_blackout(trained.model, trained.variables, trained.config,
+                                 [blackout.Scheme("none", 1.0), blackout.Scheme("random", 1.0)])
+    for row in rows:
+        assert row["examples"] == metrics["eval_count"]
+        np.testing.assert_allclose(row["accuracy"], metrics["eval_accuracy"], atol=1e-6)
+        np.testing.assert_allclose(row["loss"], metrics["eval_loss"], rtol=1e-5)
+
+
+def test_alternating_keeps_half_of_an_even_grid_as_a_checkerboard():
+    mask = blackout.alternating_mask((24, 24))
+    assert mask.sum() == 288
+    assert mask[0, 0] and not mask[0, 1] and not mask[1, 0] and mask[1, 1]
+    np.testing.assert_array_equal(mask[:, :-1] ^ mask[:, 1:], True)  # neighbours always differ
+    np.testing.assert_array_equal(mask[:-1] ^ mask[1:], True)
+    logits = jnp.zeros((3, 24, 24, 5))
+    m = blackout.patch_mask(blackout.Scheme("alternating", 0.5), logits, jnp.arange(3))
+    assert m.shape == (3, 24, 24) and int(m.sum()) == 3 * 288
+    np.testing.assert_array_equal(blackout.alternating_mask((6,)), [1, 0, 1, 0, 1, 0])
+
+
+def test_random_and_top_masks_keep_the_requested_count():
+    logits = jax.random.normal(jax.random.key(0), (4, 24, 24, 3))
+    for keep, kept in ((0.25, 144), (0.5, 288), (0.75, 432), (0.0, 1)):
+        for policy in ("random", "top"):
+            m = blackout.patch_mask(blackout.Scheme(policy, keep, seed=1), logits, jnp.arange(4))
+            np.testing.assert_array_equal(m.sum(axis=(1, 2)), kept)
+    a = blackout.patch_mask(blackout.Scheme("random", 0.5, 1), logits, jnp.arange(4))
+    b = blackout.patch_mask(blackout.Scheme("random", 0.5, 2), logits, jnp.arange(4))
+    assert not np.array_equal(a, b)
+    # A mask depends on the example's index, not on which batch it came in.
+    np.testing.assert_array_equal(blackout.patch_mask(blackout.Scheme("random", 0.5, 1), logits[2:], jnp.arange(2, 4)),
+                                  a[2:])
+    # Top-evidence keeps exactly the patches with the largest logit of the predicted class.
+    top = blackout.patch_mask(blackout.Scheme("top", 0.1), logits, jnp.arange(4))
+    predicted = np.argmax(np.asarray(logits).mean(axis=(1, 2)), -1)
+    for i in range(4):
+        evidence = np.asarray(logits[i, ..., predicted[i]])
+        assert evidence[np.asarray(top[i])].min() >= evidence[~np.asarray(top[i])].max()
+
+
+def test_channel_mode_equals_hand_masked_fc(smoke):
+    _, _, trained = smoke
+    model, variables = trained.model, trained.variables
+    batch = _eval_batch(trained)
+    features = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, batch["image"])
+    h = np.asarray(features).mean(axis=(1, 2))
+    w = np.asarray(variables["params"]["head"]["kernel"])
+    b = np.asarray(variables["params"]["head"]["bias"])
+    labels, valid = batch["label"], np.asarray(batch["mask"], bool)
+    alternating = (np.arange(w.shape[0]) % 2 == 0).astype(np.float32)
+    schemes = [blackout.Scheme("alternating", 0.5), blackout.Scheme("random", 0.25, seed=3)]
+    correct, loss = blackout.channel_scheme_sums(jnp.asarray(h), labels, valid,
+                                                 blackout.head_function(model, variables), schemes)
+    random_mask = np.asarray(blackout.channel_mask(schemes[1], jnp.zeros((1, w.shape[0]))))[0]
+    assert random_mask.sum() == round(0.25 * w.shape[0])
+    for i, mask in enumerate((alternating, random_mask.astype(np.float32))):
+        logits = h @ (w * mask[:, None]) + b  # the paper code: zeroed fc columns, bias kept, no renormalisation
+        shifted = logits - logits.max(-1, keepdims=True)
+        ce = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(len(labels)), labels]
+        np.testing.assert_allclose(correct[i], np.sum((logits.argmax(-1) == labels) * valid), atol=1e-6)
+        np.testing.assert_allclose(loss[i], np.sum(ce * valid), rtol=1e-4)
+
+
+def test_channel_mode_refuses_a_nonlinear_head():
+    with pytest.raises(ValueError, match="linear head"):
+        blackout.check_channel_mode(create_model("bagnet9", num_classes=3, head="orthogonal", width=4))
+
+
+def test_sparse_kept_patches_equal_masked_dense_mean():
+    model = create_model("bagnet9", num_classes=4, width=4, stage_sizes=(1, 1, 1, 1))
+    x = jax.random.normal(jax.random.key(1), (1, 48, 48, 3))
+    variables = blackout.random_variables(model)
+    dense = jax.jit(lambda v, x: model.apply(v, x, method="patch_logits"))(variables, x)
+    mask = blackout.patch_mask(blackout.Scheme("random", 0.3, seed=7), dense, jnp.arange(1))
+    locations = np.argwhere(np.asarray(mask[0]))
+    assert len(locations) == 8  # 30% of the 5 x 5 grid
+    sparse = jax.jit(lambda v, x: patches.per_patch_logits(model, v, x, locations))(variables, x).mean(axis=1)
+    np.testing.assert_allclose(sparse, blackout.kept_patch_logits(dense, mask), atol=1e-4)
+
+
+def test_compute_table_counts_kept_patches():
+    rows = blackout.compute_table(("bagnet9",), (0.0, 0.5, 1.0), image_size=48, num_classes=3, repeats=1,
+                                  width=4, stage_sizes=(1, 1, 1, 1))
+    n = rows[0]["patches"]
+    assert n == 25 and [r["kept"] for r in rows] == [1, 13, 25]
+    flops = [r["sparse_gflops"] for r in rows]
+    assert flops[0] < rows[0]["dense_gflops"] and flops[0] < flops[1] < flops[2]
+    # Sparse cost is linear in the kept patches: every patch costs the same.
+    np.testing.assert_allclose((flops[2] - flops[1]) / 12, (flops[1] - flops[0]) / 12, rtol=0.02)
+    assert "break-even" in blackout.compute_markdown(rows)
+
+
+def test_cli_writes_table_csv_and_plot(smoke, tmp_path, capsys):
+    workdir, _, _ = smoke
+    blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "2", "--keeps", "0,0.5",
+                   "--max-examples", "10"])
+    markdown = (tmp_path / "blackout.md").read_text()
+    assert 'Random 75% "blackout"' in markdown and "Alternating" in markdown and "10 eval examples" in markdown
+    assert markdown in capsys.readouterr().out
+    lines = (tmp_path / "blackout.csv").read_text().splitlines()
+    # none + alternating + random (2 seeds) and top at keeps {0, 0.25, 0.5, 0.75}
+    assert len(lines) == 1 + 2 + 4 * 2 + 4
+    assert (tmp_path / "blackout.png").stat().st_size > 1000
+
+
+def test_cli_rejects_bad_arguments(smoke, tmp_path):
+    workdir, _, _ = smoke
+    with pytest.raises(ValueError, match="--seeds"):
+        blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "0"])
+    with pytest.raises(SystemExit):
+        blackout.main(["--out", str(tmp_path)])
