@@ -1,0 +1,151 @@
+"""Heatmaps (Brendel & Bethge 2019, Fig. 2): stride-1 maps equal per-pixel patch evaluation, CAMs, plots."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bagjax import interpret
+from bagjax.data.preprocess import normalize
+from bagjax.models import create_model
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _random_variables(model, seed=0):
+    """Random weights and BatchNorm running statistics, drawn with numpy from the shapes of ``model.init``.
+
+    Cheaper than compiling ``init``; non-trivial statistics make the zero padding non-zero after the first
+    BatchNorm, as with trained weights.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    rng = np.random.default_rng(seed)
+    draw = {
+        "kernel": lambda shape: rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1])),
+        "scale": lambda shape: rng.uniform(0.5, 1.5, shape),
+        "bias": lambda shape: 0.1 * rng.standard_normal(shape),
+        "mean": lambda shape: 0.2 * rng.standard_normal(shape),
+        "var": lambda shape: rng.uniform(0.5, 2.0, shape),
+    }
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.asarray(draw[path[-1].key](leaf.shape), jnp.float32), shapes)
+
+
+@functools.cache
+def _bagnet(name, head):
+    """A small random BagNet shared by the tests."""
+    model = create_model(name, num_classes=5, head=head, width=8, stage_sizes=(2, 1, 1, 1))
+    return model, _random_variables(model)
+
+
+def _brute_force_heatmaps(model, variables, images, targets):
+    """bethgelab generate_heatmap_pytorch: zero-pad by (rf-1)//2, run the model on every pixel's rf x rf patch."""
+    rf = model.receptive_field
+    lo = (rf - 1) // 2
+    batch, height, width, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (lo, rf - 1 - lo), (lo, rf - 1 - lo), (0, 0)))
+    b, y, x = (a.ravel() for a in np.meshgrid(np.arange(batch), np.arange(height), np.arange(width), indexing="ij"))
+
+    def patch_logit(b, y, x):
+        patch = jax.lax.dynamic_slice(padded, (b, y, x, 0), (1, rf, rf, 3))
+        return model.apply(variables, patch, train=False)[0, jnp.asarray(targets)[b]]
+
+    return jax.jit(jax.vmap(patch_logit))(b, y, x).reshape(batch, height, width)
+
+
+@pytest.mark.parametrize("name, size, head, chunk_pixels", [
+    ("bagnet9", (24, 20), "learned", 2**15),
+    ("bagnet17", (32, 28), "hadamard", 8 * 32),  # bands of 8 rows: several lax.map steps
+    ("bagnet33", (41, 36), "learned", 2**15),
+])
+def test_stride1_heatmap_equals_per_pixel_patch_evaluation(name, size, head, chunk_pixels):
+    model, variables = _bagnet(name, head)
+    images = jax.random.normal(jax.random.key(1), (2, *size, 3))
+    targets = [3, 1]
+    heatmaps = interpret.stride1_heatmap(model, variables, images, targets, chunk_pixels=chunk_pixels)
+    assert heatmaps.shape == (2, *size)
+    np.testing.assert_allclose(heatmaps, _brute_force_heatmaps(model, variables, images, targets), atol=1e-4)
+    single = interpret.stride1_heatmap(model, variables, images[1], targets[1], chunk_pixels=chunk_pixels)
+    assert single.shape == size
+    np.testing.assert_allclose(single, heatmaps[1], atol=1e-5)
+
+
+def test_class_evidence_is_the_class_channel_of_patch_logits():
+    model, variables = _bagnet("bagnet17", "hadamard")
+    images = jax.random.normal(jax.random.key(3), (3, 48, 40, 3))
+    logits = jax.jit(lambda v, x: model.apply(v, x, method="patch_logits"))(variables, images)
+    evidence = interpret.class_evidence(model, variables, images, [0, 4, 2])
+    assert evidence.shape == logits.shape[:3]
+    np.testing.assert_allclose(evidence, np.stack([logits[0, ..., 0], logits[1, ..., 4], logits[2, ..., 2]]),
+                               atol=1e-6)
+    np.testing.assert_allclose(interpret.class_evidence(model, variables, images, 3), logits[..., 3], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bagnet9", "resnet50"])
+def test_identity_head_cam_is_the_feature_channel_and_averages_to_the_logit(name):
+    model = create_model(name, num_classes=4, head="identity", width=8, stage_sizes=(1, 1, 1, 1))
+    images = jax.random.normal(jax.random.key(4), (2, 64, 64, 3))
+    variables = _random_variables(model)
+    features, logits = jax.jit(lambda v, x: (model.apply(v, x, method="features"), model.apply(v, x)))(
+        variables, images)
+    cams = interpret.class_activation_map(model, variables, images, [3, 1])
+    np.testing.assert_allclose(cams, np.stack([features[0, ..., 3], features[1, ..., 1]]), atol=1e-6)
+    np.testing.assert_allclose(cams.mean(axis=(1, 2)), [logits[0, 3], logits[1, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_maps_refuse_wrong_models_and_classes():
+    images = jnp.zeros((2, 64, 64, 3))
+    learned = create_model("resnet50", num_classes=4, width=8, stage_sizes=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="head='identity'"):
+        interpret.class_activation_map(learned, {}, images, 0)
+    with pytest.raises(TypeError, match="not a BagNet"):
+        interpret.stride1_heatmap(learned, {}, images, 0)
+    bagnet, variables = _bagnet("bagnet9", "learned")
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        interpret.class_evidence(bagnet, variables, images, [0, 5])
+    with pytest.raises(ValueError, match="one per image"):
+        interpret.stride1_heatmap(bagnet, variables, images, [0, 1, 2])
+    with pytest.raises(TypeError, match="integers"):
+        interpret.stride1_heatmap(bagnet, variables, images, 1.5)
+
+
+def test_denormalize_inverts_the_torchvision_normalization():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(interpret.denormalize(normalize(pixels)), pixels)
+
+
+def test_edge_map_finds_the_outline_of_a_square():
+    pixels = np.zeros((40, 40, 3), np.uint8)
+    pixels[10:30, 10:30] = 255
+    edges = interpret.edge_map(normalize(pixels))
+    ring = np.zeros((40, 40), bool)
+    ring[8:32, 8:32] = True
+    ring[12:28, 12:28] = False
+    assert edges.any() and not edges[~ring].any()
+    assert edges[8:32, 8:12].any() and edges[8:32, 28:32].any() and edges[8:12].any() and edges[28:32].any()
+
+
+def test_plot_heatmap_clips_symmetrically_at_the_percentile():
+    heatmap = np.random.default_rng(1).standard_normal((20, 30)) + 0.5
+    shown = interpret.plot_heatmap(heatmap)
+    limit = np.percentile(np.abs(heatmap), 99)
+    assert shown.norm.vmax == pytest.approx(limit) and shown.norm.vmin == pytest.approx(-limit)
+    shown = interpret.plot_heatmap(heatmap, percentile=50, cmap="bwr")
+    assert shown.norm.vmin == pytest.approx(-np.median(np.abs(heatmap))) == pytest.approx(-shown.norm.vmax)
+    assert shown.get_cmap().name == "bwr"
+
+
+def test_save_heatmap_figure_writes_png(tmp_path):
+    rng = np.random.default_rng(2)
+    images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    stride1 = rng.standard_normal((2, 32, 32))
+    coarse = rng.standard_normal((2, 3, 3))  # a native-stride map is stretched over the image
+    for name, heatmaps in [("stride1.png", stride1), ("sub/coarse.png", coarse)]:
+        path = tmp_path / name
+        interpret.save_heatmap_figure(path, images, heatmaps, titles=["cat", "dog"])
+        data = path.read_bytes()
+        assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="one title per image"):
+        interpret.save_heatmap_figure(tmp_path / "x.png", images, stride1, titles=["cat"])
