@@ -40,6 +40,7 @@ def create_model(name: str, *, num_classes: int, head: str = "learned", dtype: A
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # hashable modules (e.g. from JSON)
     return MODELS[name](num_classes=num_classes, head=head, dtype=jnp.dtype(dtype), **kw)
 
 

@@ -386,14 +386,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names) -> None:
-    """A figure of a few eval images beside the evidence map of their predicted class (heatmaps.png)."""
+    """A figure of a few eval images beside the exact stride-1 evidence map of their predicted class (heatmaps.png)."""
     from bagjax import interpret
 
     batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
     images = batch["image"][: config.heatmap_images]
-    patch_logits = model.apply(variables, images, train=False, method="patch_logits")
-    predicted = np.asarray(jnp.argmax(patch_logits.mean(axis=(1, 2)), -1))
-    maps = np.take_along_axis(np.asarray(patch_logits), predicted[:, None, None, None], -1)[..., 0]
+    predicted = np.asarray(jnp.argmax(model.apply(variables, images, train=False), -1))
+    maps = interpret.stride1_heatmap(model, variables, images, predicted)
     titles = [f"true {class_names[t]} / pred {class_names[p]}" for t, p in zip(batch["label"], predicted)]
     interpret.save_heatmap_figure(workdir / "heatmaps.png", images, maps, titles)
     print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
