@@ -12,6 +12,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bagjax.data import DatasetUnavailableError  # noqa: E402
+from bagjax.training.loop import NonFiniteLossError  # noqa: E402
+
+# Errors that mean "the user must change something"; they print as one line (see run()).
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossError, DatasetUnavailableError)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :ARG (e.g. :smoke).",
                                 lock_config=True)
@@ -28,14 +34,33 @@ def main(argv):
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def _config_arg(message: str) -> str:
+    """The --config.KEY=VALUE argument an error message is about (or all of them)."""
+    args = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    named = [a for a in args if a.split("=", 1)[0].rsplit(".", 1)[-1] in message]
+    return " ".join(named or args)
+
+
 def run():
-    """absl's flag errors are multi-line; turn a bad --config.KEY into one actionable line."""
+    """Parse flags and train; a user's mistake is one line on stderr, never a traceback.
+
+    ``BAGJAX_TRACEBACK=1`` shows the traceback of such errors too.
+    """
     try:
         FLAGS(sys.argv)
-    except flags.Error as e:
-        message = str(e).splitlines()[0]
-        sys.exit(f"error: {message}. See the config file for the valid keys, or --helpfull.")
-    app.run(main, argv=[sys.argv[0]])
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        text = str(e).strip()
+        message = text.splitlines()[-1] if "Traceback" in text else " ".join(text.split())  # config file raised
+        if isinstance(e, (KeyError, AttributeError)):
+            key = message.strip("\"'")
+            message = f"{_config_arg(key)}: no such config key ({key}); the valid keys are in the config file"
+        sys.exit(f"error: {message}")
+    try:
+        app.run(main, argv=[sys.argv[0]])
+    except USER_ERRORS as e:
+        if os.environ.get("BAGJAX_TRACEBACK") == "1":
+            raise
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 import bagjax
+from bagjax.models.bagnet import KERNEL3
 
 MODELS = ("bagnet9", "bagnet17", "bagnet33", "resnet50")
 ALIASES = {"bagnet8": "bagnet9", "bagnet16": "bagnet17", "bagnet32": "bagnet33"}
@@ -33,9 +34,8 @@ ALIASES = {"bagnet8": "bagnet9", "bagnet16": "bagnet17", "bagnet32": "bagnet33"}
 _STAGE_PLANES = (64, 128, 256, 512)
 _STAGE_BLOCKS = (3, 4, 6, 3)
 _EXPANSION = 4
-# Leading blocks per stage with a 3x3 conv2 (BagNet paper Sec. 3: receptive fields 9, 17, 33 px).
-_KERNEL3 = {"bagnet9": (1, 1, 0, 0), "bagnet17": (1, 1, 1, 0), "bagnet33": (1, 1, 1, 1),
-            "resnet50": (3, 4, 6, 3)}
+# Leading blocks per stage with a 3x3 conv2: the BagNets' kernel3, and every block of ResNet-50.
+_KERNEL3 = {**KERNEL3, "resnet50": _STAGE_BLOCKS}
 _BN_TORCH_TO_FLAX = {"weight": ("params", "scale"), "bias": ("params", "bias"),
                      "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
