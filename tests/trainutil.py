@@ -5,12 +5,17 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# One persistent JAX compilation cache for every train.py the tests start: many tests train the same smoke
+# models, and the cache key is the compiled program itself, so a stale entry can never be used.
+SHARED_CACHE = pathlib.Path(tempfile.gettempdir()) / "bagjax-tests-jax-cache"
 
 
 def train_env(devices: int = 1) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(SHARED_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
     return env
 
