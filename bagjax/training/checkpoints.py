@@ -61,6 +61,8 @@ class Checkpoints:
 
     def save(self, state: TrainState, metrics: dict[str, float] | None = None, *, force: bool = False) -> bool:
         step = int(jax.device_get(state.step))
+        if step in self.manager.all_steps():  # e.g. a preemption right after a periodic save: already on disk
+            return False
         items = {k: ocp.args.StandardSave(v) for k, v in _items(state).items()}
         return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 

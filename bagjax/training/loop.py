@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            batch_stats=batch_stats, opt_state=opt_state)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda g: jnp.isfinite(g).all(), grads))
     if config.skip_nonfinite_updates:  # keep the old parameters, count the step
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                                  state.replace(step=state.step + 1))
