@@ -52,10 +52,6 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
                                 "train one with python train.py --config configs/demo.py --workdir DIR")
     config = checkpoints.read_config(workdir)
     info = json.loads((workdir / DATASET_FILE).read_text())
-    ckpt = checkpoints.Checkpoints(workdir, read_only=True)
-    try:
-        variables = ckpt.restore_variables(step)
-    finally:
-        ckpt.close()
+    variables = checkpoints.read_variables(workdir, step)
     model = build_model(config, info["num_classes"])
     return Trained(config, model, variables, tuple(info["class_names"]))

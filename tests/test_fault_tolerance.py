@@ -1,7 +1,7 @@
 """Fault tolerance of train.py: SIGKILLs with restarts, a corrupt latest checkpoint, non-finite losses, config errors.
 
-Every run is a real ``train.py`` subprocess on the smoke config; the runs of this module share a persistent
-compilation cache, so a restart costs start-up and restore, not compilation. ``BAGJAX_LONG_TESTS=1`` runs the
+Every run is a real ``train.py`` subprocess on the smoke config; the runs share the tests' persistent
+compilation cache (trainutil.train_env), so a restart costs start-up and restore, not compilation. ``BAGJAX_LONG_TESTS=1`` runs the
 long variant of the kill test (more kills over a longer run).
 """
 
@@ -27,15 +27,10 @@ ARGS = (f"--config.total_steps={STEPS}", "--config.checkpoint_every_steps=1", f"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache):
+def straight(tmp_path_factory):
     """The uninterrupted run every interrupted one must reproduce."""
     workdir = tmp_path_factory.mktemp("straight")
-    run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), cached_env(train_env(), cache))
+    run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), train_env())
     return workdir
 
 
@@ -49,10 +44,10 @@ def _entries(workdir: pathlib.Path) -> set[str]:
     return {p.name for p in directory.iterdir()} if directory.is_dir() else set()
 
 
-def test_sigkill_at_random_points_then_restart_ends_with_the_uninterrupted_parameters(straight, tmp_path, cache):
+def test_sigkill_at_random_points_then_restart_ends_with_the_uninterrupted_parameters(straight, tmp_path):
     """Each kill lands a random 0-250 ms after a new checkpoint directory appears, often mid-write."""
     rng = np.random.default_rng(0)
-    workdir, env, cmd = tmp_path / "run", cached_env(train_env(), cache), train_cmd("demo.py:smoke", tmp_path / "run",
+    workdir, env, cmd = tmp_path / "run", train_env(), train_cmd("demo.py:smoke", tmp_path / "run",
                                                                                   *ARGS)
     partly_written = 0  # kills that left a temporary (unfinished) checkpoint directory behind
     for kill in range(KILLS):
@@ -80,14 +75,14 @@ def test_sigkill_at_random_points_then_restart_ends_with_the_uninterrupted_param
     _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
 
 
-def test_corrupt_latest_checkpoint_warns_names_it_and_falls_back_to_the_previous_step(straight, tmp_path, cache):
+def test_corrupt_latest_checkpoint_warns_names_it_and_falls_back_to_the_previous_step(straight, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
     latest = checkpoint_steps(workdir)[-1]
     for path in (workdir / "checkpoints" / str(latest)).rglob("*"):
         if path.is_file():
             os.truncate(path, path.stat().st_size // 2)
-    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), cached_env(train_env(), cache))
+    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), train_env())
     assert f"warning: checkpoint step {latest} is corrupt or incomplete" in proc.stdout, proc.stdout[-3000:]
     assert f"resuming from step {latest - 1} " in proc.stdout
     _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
@@ -98,8 +93,8 @@ NAN_ARGS = ("--config.total_steps=6", "--config.checkpoint_every_steps=1", "--co
             "--config.optimizer.learning_rate=1e30")  # step 1's update overflows the network: loss NaN at step 2
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache):
-    proc = run_cmd(train_cmd("demo.py:smoke", tmp_path, *NAN_ARGS), cached_env(train_env(), cache), check=False)
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = run_cmd(train_cmd("demo.py:smoke", tmp_path, *NAN_ARGS), train_env(), check=False)
     assert proc.returncode != 0
     assert "non-finite loss or gradients at step 2: stopped; the last good checkpoint is kept in " \
            f"{tmp_path / 'checkpoints'}" in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
@@ -107,9 +102,9 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restore_params(tmp_path, 1)))
 
 
-def test_skip_nonfinite_updates_keeps_training_on_the_last_finite_parameters(tmp_path, cache):
+def test_skip_nonfinite_updates_keeps_training_on_the_last_finite_parameters(tmp_path):
     proc = run_cmd(train_cmd("demo.py:smoke", tmp_path, *NAN_ARGS, "--config.skip_nonfinite_updates=True"),
-                   cached_env(train_env(), cache))
+                   train_env())
     assert proc.stdout.strip().splitlines()[-1].startswith("final eval:")
     losses = [m["train_loss"] for m in read_metrics(tmp_path) if "train_loss" in m]
     assert np.isfinite(losses[0]) and not np.isfinite(losses[1:]).any()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bagjax import launch
-from trainutil import (ROOT, cached_env, checkpoint_steps, launch_cmd, restore_params, run_cmd, train_cmd,
+from trainutil import (ROOT, checkpoint_steps, launch_cmd, restore_params, run_cmd, train_cmd,
                        train_env, train_losses)
 
 STEPS = 4
@@ -64,23 +64,18 @@ def test_a_failing_process_kills_the_others_and_its_status_is_returned():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def one_by_four(tmp_path_factory, cache):
+def one_by_four(tmp_path_factory):
     """1 process x 4 devices, replicated parameters."""
     workdir = tmp_path_factory.mktemp("one_by_four")
-    run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), cached_env(train_env(4), cache))
+    run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), train_env(4))
     return workdir
 
 
 @pytest.fixture(scope="module")
-def two_by_two(tmp_path_factory, cache):
+def two_by_two(tmp_path_factory):
     """2 processes x 2 devices through the launcher, FSDP parameters."""
     workdir = tmp_path_factory.mktemp("two_by_two")
-    proc = run_cmd(launch_cmd("demo.py:smoke", workdir, *ARGS, "--config.fsdp=True"), cached_env(train_env(), cache))
+    proc = run_cmd(launch_cmd("demo.py:smoke", workdir, *ARGS, "--config.fsdp=True"), train_env())
     return workdir, proc.stdout
 
 
@@ -114,18 +109,18 @@ def _resume_copy(source, target) -> None:
     shutil.rmtree(target / "checkpoints" / str(STEPS))
 
 
-def test_four_device_checkpoint_resumes_on_two_processes_with_fsdp(one_by_four, tmp_path, cache):
+def test_four_device_checkpoint_resumes_on_two_processes_with_fsdp(one_by_four, tmp_path):
     _resume_copy(one_by_four, tmp_path / "run")
     proc = run_cmd(launch_cmd("demo.py:smoke", tmp_path / "run", *ARGS, "--config.fsdp=True"),
-                   cached_env(train_env(), cache))
+                   train_env())
     assert "[0] resuming from step 2" in proc.stdout and "[1] resuming from step 2" in proc.stdout
     assert checkpoint_steps(tmp_path / "run")[-1] == STEPS
     _assert_params_close(one_by_four, tmp_path / "run")
 
 
-def test_two_process_fsdp_checkpoint_resumes_on_one_device(two_by_two, tmp_path, cache):
+def test_two_process_fsdp_checkpoint_resumes_on_one_device(two_by_two, tmp_path):
     _resume_copy(two_by_two[0], tmp_path / "run")
-    proc = run_cmd(train_cmd("demo.py:smoke", tmp_path / "run", *ARGS), cached_env(train_env(1), cache))
+    proc = run_cmd(train_cmd("demo.py:smoke", tmp_path / "run", *ARGS), train_env(1))
     assert "resuming from step 2" in proc.stdout
     losses = train_losses(tmp_path / "run")
     np.testing.assert_allclose([losses[3], losses[4]], [train_losses(two_by_two[0])[s] for s in (3, 4)],

@@ -40,7 +40,7 @@ def read_metrics(workdir) -> list[dict]:
 
 # ---- helpers of the multi-process and fault-tolerance tests (test_launch.py, test_fault_tolerance.py)
 def cached_env(env: dict[str, str], cache_dir) -> dict[str, str]:
-    """``env`` with a persistent JAX compilation cache, so restarts within one test skip recompiling."""
+    """``env`` with its own persistent JAX compilation cache (e.g. to check that nothing was compiled)."""
     return dict(env, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
@@ -68,13 +68,9 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def restore_params(workdir, step: int) -> dict:
     """``{'params', 'batch_stats'}`` of one checkpoint step of a workdir, as numpy arrays."""
-    from bagjax.training.checkpoints import Checkpoints
+    from bagjax.training.checkpoints import read_variables
 
-    ckpt = Checkpoints(workdir, read_only=True)
-    try:
-        return ckpt.restore_variables(step)
-    finally:
-        ckpt.close()
+    return read_variables(workdir, step)
 
 
 def train_losses(workdir) -> dict[int, float]:

@@ -143,6 +143,15 @@ class Checkpoints:
         return jax.tree.map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
 
 
+def read_variables(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of a workdir's step (default: best, else latest), without touching the workdir."""
+    ckpt = Checkpoints(workdir, read_only=True)
+    try:
+        return ckpt.restore_variables(step)
+    finally:
+        ckpt.close()
+
+
 def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
     path = pathlib.Path(workdir) / CONFIG_FILE
     path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")

@@ -175,14 +175,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------------------- state
 def load_pretrained(path: str) -> tuple[dict[str, Any], str]:
     """Variables from a ``python -m bagjax.convert`` directory or a training workdir, and a description."""
-    from bagjax.training.checkpoints import Checkpoints, is_workdir
-
-    if is_workdir(path):
-        ckpt = Checkpoints(path, read_only=True)
-        try:
-            return ckpt.restore_variables(), f"training workdir {path}"
-        finally:
-            ckpt.close()
+    if checkpoints.is_workdir(path):
+        return checkpoints.read_variables(path), f"training workdir {path}"
     from bagjax.convert import read_pretrained
 
     variables, meta = read_pretrained(path)
