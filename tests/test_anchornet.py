@@ -10,7 +10,7 @@ import pytest
 
 from bagjax.models.anchornet import (RECEPTIVE_FIELDS, STRIDE, anchornet, grid_size, image_logits, pool_logits,
                                      training_loss)
-from bagjax.models.layers import SE_GATES
+from bagjax.models.layers import SE_GATES, depthwise_conv
 
 NUM_CLASSES = 4
 # Tiny inputs: compile time dominates, so skip XLA's costly CPU backend optimizations.
@@ -92,6 +92,8 @@ def test_rejects_bad_inputs_and_options(model, variables):
         anchornet(num_classes=3, head="orthogonal")
     with pytest.raises(ValueError, match="pooling"):
         anchornet(num_classes=3, pooling="max")
+    with pytest.raises(ValueError, match="bn_momentum"):
+        anchornet(num_classes=3, bn_momentum=1.5)
 
 
 def test_receptive_fields_with_fixed_se_gates(model, variables, eval_run):
@@ -181,3 +183,33 @@ def test_image_logits_is_the_mean_branch_log_softmax():
     want = np.mean([jax.nn.log_softmax(out["logits"][rf]) for rf in RECEPTIVE_FIELDS], axis=0)
     assert got.shape == (3, NUM_CLASSES)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_bn_momentum_reaches_every_batchnorm(variables):
+    """With bn_momentum=0 one train step stores the batch statistics in every BatchNorm, so eval mode on that
+    batch reproduces train mode; a single layer left at the default momentum would break the equality."""
+    model = anchornet(num_classes=NUM_CLASSES, bn_momentum=0.0)
+    x = jax.random.normal(jax.random.key(2), (2, 112, 112, 3))
+    train_out, state = compiled(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                                variables, x)(variables, x)
+    updated = {"params": variables["params"], "batch_stats": state["batch_stats"]}
+    eval_out = compiled(lambda v, x: model.apply(v, x), updated, x)(updated, x)
+    for rf in RECEPTIVE_FIELDS:
+        np.testing.assert_allclose(eval_out["logits"][rf], train_out["logits"][rf], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 1), (3, 2)])
+def test_depthwise_conv_equals_grouped_convolution(kernel, stride):
+    """The shifted multiply-adds compute XLA's VALID grouped conv, forward and backward (odd sizes included)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 13, 12, 6))
+    w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 6))
+
+    def grouped(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID", feature_group_count=6,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    np.testing.assert_allclose(depthwise_conv(x, w, stride), grouped(x, w), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+             for f in (lambda x, w: depthwise_conv(x, w, stride), grouped)]
+    for ours, theirs in zip(*grads):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)

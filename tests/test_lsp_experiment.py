@@ -33,7 +33,7 @@ def lsp_run(workdirs, tmp_path_factory):
     anchor, demo = workdirs
     out = tmp_path_factory.mktemp("lsp")
     proc = run_cmd([sys.executable, "-m", "bagjax.experiments.lsp", f"--workdir={anchor}", f"--downstream={demo}",
-                    "--setting=both", f"--max-examples={EXAMPLES}", "--batch-size=8", "--patch-batch=16",
+                    "--setting=both", "--input-scale=0.5", f"--max-examples={EXAMPLES}", "--batch-size=8", "--patch-batch=16",
                     "--figure-images=2", f"--out={out}"], train_env())
     with open(out / "lsp.csv") as f:
         rows = list(csv.DictReader(f))
@@ -77,6 +77,9 @@ def test_lsp_numbers_are_sane(lsp_run):
         assert int(r["images"]) == t3[r["branch"]] and float(r["patches_per_image"]) == 1.0
     full, = _rows(rows, "3", "full image")
     assert int(full["images"]) == EXAMPLES and float(full["classifier_gflops"]) > 0
+    # --input-scale=0.5: the 112 px image and the 63/95/111 px patches reach the classifier at half size.
+    assert int(full["classifier_input"]) == 56
+    assert [int(r["classifier_input"]) for r in _rows(rows, "3", "LSP slack")[:3]] == [32, 48, 56]
 
 
 def test_lsp_rejects_swapped_workdirs(workdirs):
@@ -101,3 +104,12 @@ def test_inputs_per_patch_input_mode():
     assert native.full == 224 and native.patch == {63: 63, 95: 95, 111: 111}
     with pytest.raises(ValueError, match="--patch-input"):
         lsp.Inputs.make("crop", 224, 96)
+
+
+def test_input_scale_resizes_every_native_input():
+    half = lsp.Inputs.make("native", 112, 48, 0.5)
+    assert half.full == 56 and half.patch == {63: 32, 95: 48, 111: 56}
+    with pytest.raises(ValueError, match="--input-scale"):
+        lsp.Inputs.make("resize", 112, 48, 0.5)
+    with pytest.raises(ValueError, match="positive"):
+        lsp.Inputs.make("native", 112, 48, 0.0)

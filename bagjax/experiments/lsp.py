@@ -2,6 +2,7 @@
 
     python -m bagjax.experiments.lsp --workdir DIR --downstream DIR2 [--setting visualization|slack|both]
                                      [--max-examples N] [--out DIR] [--patch-input native|resize]
+                                     [--input-scale F]
 
 ``DIR`` is an AnchorNet training workdir, ``DIR2`` any bagjax classifier workdir (BagNet or ResNet-50)
 with the same classes. For every image of DIR's eval split (DIR's preprocessing and image size):
@@ -19,7 +20,11 @@ classifier is used as trained, with no fine-tuning, and ``--patch-input`` says w
 
 - ``native`` (default, the paper): patches and "-R" images at theta x theta px, the full image at DIR's
   size. Every input keeps the pixel scale of DIR's images, so full image, patches and rescaled images are
-  compared at the same object scale (any fully convolutional classifier with global pooling takes them);
+  compared at the same object scale (any fully convolutional classifier with global pooling takes them).
+  ``--input-scale F`` resizes all of them by the same factor F (round(F * theta) px patches, the full image
+  at round(F * size)), for a classifier trained at another pixel scale than DIR's images: the demos use 0.5,
+  since the AnchorNet demo upsamples its 56 px renders to 112 px while the BagNet demo sees 48 px renders
+  at 48 px;
 - ``resize``: every classifier input is bilinearly resized (antialiased when shrinking) to DIR2's training
   image size. Patches (theta px) and full images (DIR's size) are then rescaled by different factors, which
   confounds the comparison with object scale; use it for a classifier that only works at its training size.
@@ -71,12 +76,20 @@ class Inputs:
     full: int
     patch: Mapping[int, int]
 
+    scale: float = 1.0
+
     @staticmethod
-    def make(mode: str, anchornet_size: int, classifier_size: int) -> "Inputs":
+    def make(mode: str, anchornet_size: int, classifier_size: int, scale: float = 1.0) -> "Inputs":
+        if not scale > 0:
+            raise ValueError(f"--input-scale must be positive, got {scale}")
         if mode == "resize":
+            if scale != 1.0:
+                raise ValueError("--input-scale applies to --patch-input native only (resize feeds every input "
+                                 "at the classifier's training size); drop one of them")
             return Inputs(mode, classifier_size, {rf: classifier_size for rf in RECEPTIVE_FIELDS})
         if mode == "native":
-            return Inputs(mode, anchornet_size, {rf: rf for rf in RECEPTIVE_FIELDS})
+            return Inputs(mode, round(anchornet_size * scale), {rf: round(rf * scale) for rf in RECEPTIVE_FIELDS},
+                          scale)
         raise ValueError(f"unknown --patch-input {mode!r}: choose one of {', '.join(PATCH_INPUTS)}")
 
 
@@ -139,7 +152,7 @@ def _hits(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] = ("slack",),
-            patch_input: str = "native", max_examples: int | None = None, batch_size: int | None = None,
+            patch_input: str = "native", input_scale: float = 1.0, max_examples: int | None = None, batch_size: int | None = None,
             patch_batch: int = 256, figure_images: int = FIGURE_IMAGES) -> dict[str, Any]:
     """Localize, crop and classify over DIR's eval split; returns per-image results, FLOPs and figure data.
 
@@ -163,7 +176,7 @@ def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] 
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         config.eval_batch_size = batch_size
     size = int(config.image_size)
-    inputs = Inputs.make(patch_input, size, int(classifier.config.image_size))
+    inputs = Inputs.make(patch_input, size, int(classifier.config.image_size), input_scale)
     steps = Steps(anchornet, classifier, settings, inputs)
     a_vars, c_vars = jax.device_put(anchornet.variables), jax.device_put(classifier.variables)
     total = data.dataset_info(config).num_eval
@@ -336,7 +349,8 @@ def lsp_markdown(rows: Sequence[dict[str, Any]], result: Mapping[str, Any], titl
     inputs, n = result["inputs"], len(result["images"]["label"])
     t3 = [r for r in rows if r["table"] == "3"]
     t4 = [r for r in rows if r["table"] == "4"]
-    side = "resized to the classifier's training size" if inputs.mode == "resize" else "fed at theta px"
+    side = ("resized to the classifier's training size" if inputs.mode == "resize" else
+            "fed at theta px" if inputs.scale == 1.0 else f"fed at {inputs.scale:g} x theta px (--input-scale)")
     table3 = report.markdown_table(
         ["method", "branch", "classifier input", "images", "patches / image", "top-1", "top-5",
          "classifier GFLOPs / image", "total GFLOPs / image (+AnchorNet)"],
@@ -435,6 +449,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch-input", choices=PATCH_INPUTS, default="native",
                    help="native: theta px patches, full image at its size (the paper); resize: every classifier "
                         "input at the classifier's training size")
+    p.add_argument("--input-scale", type=float, default=1.0,
+                   help="native only: resize every classifier input by this factor, for a classifier trained at "
+                        "another pixel scale (the demos: 0.5)")
     p.add_argument("--max-examples", type=int, help="evaluate only the first N eval examples")
     p.add_argument("--batch-size", type=int, help="images per AnchorNet batch (default: its eval_batch_size)")
     p.add_argument("--patch-batch", type=int, default=256, help="patches per classifier call")
@@ -450,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _check_pair(anchornet, classifier)
     settings = tuple(SETTINGS) if args.setting == "both" else (args.setting,)
     result = run_lsp(anchornet, classifier, settings=settings, patch_input=args.patch_input,
+                     input_scale=args.input_scale,
                      max_examples=args.max_examples, batch_size=args.batch_size, patch_batch=args.patch_batch,
                      figure_images=args.figure_images)
     out.mkdir(parents=True, exist_ok=True)

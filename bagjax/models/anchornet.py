@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bagjax.models.layers import Bneck, ConvBN
+from bagjax.models.layers import BN_MOMENTUM, Bneck, ConvBN
 
 RECEPTIVE_FIELDS = (63, 95, 111)
 STRIDE = 8
@@ -118,16 +118,17 @@ class LocalizationBranch(nn.Module):
     rf: int
     num_classes: int
     pooling: str = "sum"
+    bn_momentum: float = BN_MOMENTUM
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool) -> dict[str, jax.Array]:
         z = h
         for i, spec in enumerate(BRANCHES[self.rf]):
-            z = Bneck(*spec, dtype=self.dtype, name=f"bneck{i}")(z, train)
+            z = Bneck(*spec, bn_momentum=self.bn_momentum, dtype=self.dtype, name=f"bneck{i}")(z, train)
         f = nn.Conv(self.num_classes, (1, 1), kernel_init=small_init, dtype=self.dtype,
                     name="classifier")(z).astype(jnp.float32)
-        x = Bneck(*ATTENTION, dtype=self.dtype, name="attention_bneck")(z, train)
+        x = Bneck(*ATTENTION, bn_momentum=self.bn_momentum, dtype=self.dtype, name="attention_bneck")(z, train)
         s = SpatialAttention(name="attention")(x)
         out = {"logits": pool_logits(f, s, self.pooling), "class_maps": f, "attention": s}
         if train or self.is_initializing():
@@ -148,11 +149,15 @@ class AnchorNet(nn.Module):
 
     num_classes: int
     pooling: str = "sum"
+    bn_momentum: float = BN_MOMENTUM
     dtype: jnp.dtype = jnp.float32
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown AnchorNet pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ValueError(f"AnchorNet bn_momentum must be in [0, 1) (Flax convention: the weight of the old "
+                             f"running average); got {self.bn_momentum}")
         super().__post_init__()
 
     @nn.compact
@@ -160,19 +165,22 @@ class AnchorNet(nn.Module):
         if x.ndim != 4 or min(x.shape[1], x.shape[2]) < MIN_INPUT:
             raise ValueError(f"AnchorNet needs NHWC images of at least {MIN_INPUT}x{MIN_INPUT} px "
                              f"(its largest receptive field); got shape {tuple(x.shape)}")
-        h = ConvBN(STEM_FEATURES, 3, 2, activation="HS", dtype=self.dtype, name="stem")(x.astype(self.dtype), train)
+        h = ConvBN(STEM_FEATURES, 3, 2, activation="HS", bn_momentum=self.bn_momentum, dtype=self.dtype,
+                   name="stem")(x.astype(self.dtype), train)
         for i, spec in enumerate(HEAD):
-            h = Bneck(*spec, dtype=self.dtype, name=f"head{i}")(h, train)
+            h = Bneck(*spec, bn_momentum=self.bn_momentum, dtype=self.dtype, name=f"head{i}")(h, train)
         outputs: dict[str, dict[int, jax.Array]] = {}
         for rf in RECEPTIVE_FIELDS:
-            branch = LocalizationBranch(rf, self.num_classes, self.pooling, self.dtype, name=f"branch{rf}")(h, train)
+            branch = LocalizationBranch(rf, self.num_classes, self.pooling, self.bn_momentum, self.dtype,
+                                        name=f"branch{rf}")(h, train)
             for key, value in branch.items():
                 outputs.setdefault(key, {})[rf] = value
         return outputs
 
 
 def anchornet(*, num_classes: int, head: str = "learned", dtype: Any = jnp.float32, **kw: Any) -> AnchorNet:
-    """Factory for ``create_model('anchornet', ...)``; ``kw`` may set ``pooling`` ('sum' or 'mean')."""
+    """Factory for ``create_model('anchornet', ...)``; ``kw`` may set ``pooling`` ('sum' or 'mean') and
+    ``bn_momentum`` (Flax convention; default 0.99 as torchvision's MobileNetV3, 0.9 for short runs)."""
     if head != "learned":
         raise ValueError(f"AnchorNet only supports head='learned' (its classifier is the per-branch linear "
                          f"1x1 conv of Table 2); got head={head!r}")

@@ -8,7 +8,9 @@ the residual is centre-cropped by ``(k - 1) / 2`` pixels per side: the kept inpu
 depthwise window, so the receptive field stays the one the tables give.
 
 BatchNorm follows torchvision's MobileNetV3 (PyTorch ``momentum=0.01, eps=1e-3``), i.e. Flax ``momentum=0.99``,
-``epsilon=1e-3``; statistics live in the ``batch_stats`` collection.
+``epsilon=1e-3``; statistics live in the ``batch_stats`` collection. ``bn_momentum`` overrides the momentum: short
+runs need a faster average (0.9), since the feature scales still change a lot from step to step and running
+averages over ~100 steps then lag behind them, so eval mode (running statistics) collapses while train mode works.
 
 Squeeze-and-excitation pools over the whole map, so with SE the exact receptive field of a location is the
 whole image; only the conv path is local. For receptive-field checks (and interpretation), the SE gates can
@@ -32,6 +34,38 @@ SE_GATES = "se_gates"  # collection that holds recorded/fixed squeeze-and-excita
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision kaiming_normal_(fan_out)
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """Unpadded depthwise conv of NHWC ``x`` with a (k, k, 1, C) kernel, as k*k shifted multiply-adds.
+
+    The same function as ``lax.conv_general_dilated(..., 'VALID', feature_group_count=C)``, written so that XLA
+    fuses it into elementwise loops: XLA's grouped convolution (and above all its gradient) is 10-30x slower on
+    CPU (``bench/depthwise.py``).
+    """
+    k = kernel.shape[0]
+    rows = (x.shape[1] - k) // stride + 1
+    cols = (x.shape[2] - k) // stride + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = x[:, i:i + stride * (rows - 1) + 1:stride, j:j + stride * (cols - 1) + 1:stride] * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """k x k unpadded depthwise conv without bias; parameters as ``nn.Conv(..., feature_group_count=C)``."""
+
+    kernel_size: int
+    stride: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]))
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return depthwise_conv(x, kernel, self.stride)
+
+
 def hard_sigmoid(x: jax.Array) -> jax.Array:
     """relu6(x + 3) / 6 (MobileNetV3 eq. for h-sigmoid)."""
     return jax.nn.relu6(x + 3.0) / 6.0
@@ -52,21 +86,25 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class ConvBN(nn.Module):
-    """Unpadded conv (no bias) -> BatchNorm -> optional non-linearity ('HS' or 'RE')."""
+    """Unpadded conv (no bias; depthwise, keeping the width, when ``depthwise``) -> BatchNorm -> optional
+    non-linearity ('HS' or 'RE')."""
 
     features: int
     kernel: int
     stride: int = 1
-    groups: int = 1
+    depthwise: bool = False
     activation: str | None = None
+    bn_momentum: float = BN_MOMENTUM
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="VALID",
-                    feature_group_count=self.groups, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                    name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        if self.depthwise:
+            x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
+        else:
+            x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="VALID",
+                        use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
                          dtype=self.dtype, name="bn")(x)
         return x if self.activation is None else ACTIVATIONS[self.activation](x)
 
@@ -101,6 +139,7 @@ class Bneck(nn.Module):
     se: bool
     nl: str
     stride: int = 1
+    bn_momentum: float = BN_MOMENTUM
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -108,12 +147,13 @@ class Bneck(nn.Module):
         cin = x.shape[-1]
         y = x
         if self.expansion != cin:
-            y = ConvBN(self.expansion, 1, activation=self.nl, dtype=self.dtype, name="expand")(y, train)
-        y = ConvBN(self.expansion, self.kernel, self.stride, groups=self.expansion, activation=self.nl,
-                   dtype=self.dtype, name="depthwise")(y, train)
+            y = ConvBN(self.expansion, 1, activation=self.nl, bn_momentum=self.bn_momentum, dtype=self.dtype,
+                       name="expand")(y, train)
+        y = ConvBN(self.expansion, self.kernel, self.stride, depthwise=True, activation=self.nl,
+                   bn_momentum=self.bn_momentum, dtype=self.dtype, name="depthwise")(y, train)
         if self.se:
             y = SqueezeExcite(make_divisible(self.expansion / 4), dtype=self.dtype, name="se")(y)
-        y = ConvBN(self.out, 1, dtype=self.dtype, name="project")(y, train)
+        y = ConvBN(self.out, 1, bn_momentum=self.bn_momentum, dtype=self.dtype, name="project")(y, train)
         if self.stride == 1 and cin == self.out:
             c = (self.kernel - 1) // 2
             y = y + x[:, c:x.shape[1] - c, c:x.shape[2] - c]
