@@ -1,15 +1,16 @@
-"""The AnchorNet demo: AnchorNet on the embedded synthetic dataset, on the CPU.
+"""The AnchorNet demo: AnchorNet on the embedded synthetic dataset, on the CPU in about five minutes.
 
     python train.py --config configs/anchornet_demo.py --workdir runs/anchornet_demo
     python train.py --config configs/demo.py --workdir runs/demo
-    python -m bagjax.experiments.lsp --workdir runs/anchornet_demo --downstream runs/demo
+    python -m bagjax.experiments.lsp --workdir runs/anchornet_demo --downstream runs/demo --input-scale 0.5
 
-The synthetic images are rendered at 112 px (not upscaled), the smallest input AnchorNet takes (its 111 px
-branch), so the 10-14 px class motifs are small against the 63/95/111 px patches; the branch grids are
-7x7, 3x3 and 1x1 (section 3.1). The BagNet demo sees the same motifs at 0.75x this scale (64 px renders
-at 48 px). AnchorNet trains at only 3-25 images/s on 2 shared CPU cores, so this is a short AdamW
-run; its BatchNorm running averages (momentum 0.99, as torchvision's MobileNetV3) need a few hundred
-steps before eval mode follows the batch statistics, hence the 375 steps.
+AnchorNet needs at least 111 px (its largest branch; grids 7x7, 3x3 and 1x1 at 112 px, section 3.1). The
+synthetic images are rendered at 56 px and upscaled 2x, so the class motifs are 22-30 px against the 63/95/111
+px patches; at their native 11-15 px in a 112 px render the motifs cover ~1.5% of the image and a short run
+does not find them. The BagNet demo sees the motifs at 1x (48 px renders at 48 px), hence ``--input-scale 0.5``
+for the lsp command. BatchNorm momentum is 0.9 instead of torchvision's 0.99: in a run of 620 steps the
+feature scales keep changing (AdamW on the small depthwise kernels), a 100-step running average lags behind
+them, and eval mode then collapses to one class while train mode is fine.
 ``configs/anchornet_demo.py:smoke`` runs two steps at 112 px.
 """
 

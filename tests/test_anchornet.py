@@ -10,7 +10,7 @@ import pytest
 
 from bagjax.models.anchornet import (RECEPTIVE_FIELDS, STRIDE, anchornet, grid_size, image_logits, pool_logits,
                                      training_loss)
-from bagjax.models.layers import SE_GATES, depthwise_conv
+from bagjax.models.layers import SE_GATES, grouped_depthwise_conv, shifted_depthwise_conv
 
 NUM_CLASSES = 4
 # Tiny inputs: compile time dominates, so skip XLA's costly CPU backend optimizations.
@@ -203,13 +203,10 @@ def test_depthwise_conv_equals_grouped_convolution(kernel, stride):
     """The shifted multiply-adds compute XLA's VALID grouped conv, forward and backward (odd sizes included)."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 13, 12, 6))
     w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 6))
-
-    def grouped(x, w):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID", feature_group_count=6,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    np.testing.assert_allclose(depthwise_conv(x, w, stride), grouped(x, w), rtol=1e-5, atol=1e-5)
-    grads = [jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
-             for f in (lambda x, w: depthwise_conv(x, w, stride), grouped)]
+    ours, theirs = shifted_depthwise_conv(x, w, stride), grouped_depthwise_conv(x, w, stride)
+    assert ours.shape == theirs.shape == (2, (13 - kernel) // stride + 1, (12 - kernel) // stride + 1, 6)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w, stride))), argnums=(0, 1))(x, w)
+             for f in (shifted_depthwise_conv, grouped_depthwise_conv)]
     for ours, theirs in zip(*grads):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
