@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bagjax.localize import LSP_SLACK, LSP_VISUALIZATION, lsp
-from bagjax.models.anchornet import RECEPTIVE_FIELDS, STRIDE, grid_size
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bagjax.localize import LSP_SLACK, LSP_VISUALIZATION, lsp  # noqa: E402
+from bagjax.models.anchornet import RECEPTIVE_FIELDS, STRIDE, grid_size  # noqa: E402
 
 BATCH = 256
 

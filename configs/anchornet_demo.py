@@ -1,4 +1,4 @@
-"""The AnchorNet demo: AnchorNet on the embedded synthetic dataset, on the CPU in about five minutes.
+"""The AnchorNet demo: AnchorNet on the embedded synthetic dataset, on the CPU in about six minutes.
 
     python train.py --config configs/anchornet_demo.py --workdir runs/anchornet_demo
     python train.py --config configs/demo.py --workdir runs/demo

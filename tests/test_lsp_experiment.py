@@ -33,8 +33,8 @@ def lsp_run(workdirs, tmp_path_factory):
     anchor, demo = workdirs
     out = tmp_path_factory.mktemp("lsp")
     proc = run_cmd([sys.executable, "-m", "bagjax.experiments.lsp", f"--workdir={anchor}", f"--downstream={demo}",
-                    "--setting=both", "--input-scale=0.5", f"--max-examples={EXAMPLES}", "--batch-size=8", "--patch-batch=16",
-                    "--figure-images=2", f"--out={out}"], train_env())
+                    "--setting=both", "--input-scale=0.5", f"--max-examples={EXAMPLES}", "--batch-size=8",
+                    "--patch-batch=16", "--figure-images=2", f"--out={out}"], train_env())
     with open(out / "lsp.csv") as f:
         rows = list(csv.DictReader(f))
     return out, rows, proc.stdout
@@ -88,6 +88,14 @@ def test_lsp_rejects_swapped_workdirs(workdirs):
         lsp.main([f"--workdir={demo}", f"--downstream={anchor}"])
 
 
+def test_lsp_rejects_inputs_below_the_classifiers_receptive_field(workdirs):
+    anchor, demo = workdirs
+    # 0.2 x 63 = 13 px patches for a BagNet-17: one line naming the scale that works, before any compilation.
+    with pytest.raises(ValueError, match=r"13 px classifier inputs, below bagnet17's receptive field of 17 px: "
+                                         r"use --input-scale 0.27 or more"):
+        lsp.main([f"--workdir={anchor}", f"--downstream={demo}", "--input-scale=0.2"])
+
+
 def test_gather_patches_cuts_each_box_from_its_image():
     images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 70, 80, 3)), jnp.float32)
     index = np.array([2, 0, 2], np.int32)
@@ -111,5 +119,6 @@ def test_input_scale_resizes_every_native_input():
     assert half.full == 56 and half.patch == {63: 32, 95: 48, 111: 56}
     with pytest.raises(ValueError, match="--input-scale"):
         lsp.Inputs.make("resize", 112, 48, 0.5)
-    with pytest.raises(ValueError, match="positive"):
-        lsp.Inputs.make("native", 112, 48, 0.0)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            lsp.Inputs.make("native", 112, 48, bad)

@@ -46,6 +46,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the eval pipeline uses tf.
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -80,16 +81,16 @@ class Inputs:
 
     @staticmethod
     def make(mode: str, anchornet_size: int, classifier_size: int, scale: float = 1.0) -> "Inputs":
-        if not scale > 0:
-            raise ValueError(f"--input-scale must be positive, got {scale}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"--input-scale must be a positive number, got {scale}")
         if mode == "resize":
             if scale != 1.0:
                 raise ValueError("--input-scale applies to --patch-input native only (resize feeds every input "
                                  "at the classifier's training size); drop one of them")
             return Inputs(mode, classifier_size, {rf: classifier_size for rf in RECEPTIVE_FIELDS})
         if mode == "native":
-            return Inputs(mode, round(anchornet_size * scale), {rf: round(rf * scale) for rf in RECEPTIVE_FIELDS},
-                          scale)
+            patch = {rf: max(1, round(rf * scale)) for rf in RECEPTIVE_FIELDS}
+            return Inputs(mode, max(1, round(anchornet_size * scale)), patch, scale)
         raise ValueError(f"unknown --patch-input {mode!r}: choose one of {', '.join(PATCH_INPUTS)}")
 
 
@@ -152,15 +153,17 @@ def _hits(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] = ("slack",),
-            patch_input: str = "native", input_scale: float = 1.0, max_examples: int | None = None, batch_size: int | None = None,
-            patch_batch: int = 256, figure_images: int = FIGURE_IMAGES) -> dict[str, Any]:
+            patch_input: str = "native", input_scale: float = 1.0, max_examples: int | None = None,
+            batch_size: int | None = None, patch_batch: int = 256,
+            figure_images: int = FIGURE_IMAGES) -> dict[str, Any]:
     """Localize, crop and classify over DIR's eval split; returns per-image results, FLOPs and figure data.
 
     Per-image arrays (one entry per evaluated image, in split order): ``label``, ``cls`` (gamma, Eq. 7),
     ``branch`` (index into ``RECEPTIVE_FIELDS``), ``{name}_top1``/``{name}_top5`` for ``full``, ``anchornet``
     (top-1: gamma; top-5: of the chosen branch B^theta, whose top class gamma is), ``L`` (top patch), ``R``
     (image rescaled to the own branch's theta) and every setting (summed patch softmaxes), and
-    ``{setting}_patches`` (valid patches per image).
+    ``{setting}_patches`` (valid patches per image). ``patch_input`` and ``input_scale`` set the classifier's
+    input sizes (``Inputs``; ``--patch-input`` and ``--input-scale`` in the module docstring).
     """
     _check_pair(anchornet, classifier)
     bad = [s for s in settings if s not in SETTINGS]
@@ -177,6 +180,11 @@ def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] 
         config.eval_batch_size = batch_size
     size = int(config.image_size)
     inputs = Inputs.make(patch_input, size, int(classifier.config.image_size), input_scale)
+    smallest, rf = min(inputs.full, *inputs.patch.values()), getattr(classifier.model, "receptive_field", 1)
+    if smallest < rf:
+        raise ValueError(f"--input-scale {input_scale:g} gives {smallest} px classifier inputs, below "
+                         f"{classifier.config.model}'s receptive field of {rf} px: use --input-scale "
+                         f"{math.ceil(100 * rf / min(RECEPTIVE_FIELDS)) / 100:g} or more")
     steps = Steps(anchornet, classifier, settings, inputs)
     a_vars, c_vars = jax.device_put(anchornet.variables), jax.device_put(classifier.variables)
     total = data.dataset_info(config).num_eval

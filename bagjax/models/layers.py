@@ -21,6 +21,7 @@ instead of pooling, so gradients then see only the conv path.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -37,17 +38,18 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchv
 def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     """Unpadded depthwise conv of NHWC ``x`` with a (k, k, 1, C) kernel, as k*k shifted multiply-adds.
 
-    The same function as ``grouped_depthwise_conv``, written so that XLA fuses it into elementwise loops.
+    The same function as ``grouped_depthwise_conv``, written so that XLA fuses it into elementwise loops. The
+    sum runs in float32 (as a convolution accumulates) and is cast back to ``x``'s dtype.
     """
     k = kernel.shape[0]
     rows = (x.shape[1] - k) // stride + 1
     cols = (x.shape[2] - k) // stride + 1
-    out = None
+    out = jnp.zeros((x.shape[0], rows, cols, x.shape[3]), jnp.float32)
     for i in range(k):
         for j in range(k):
-            term = x[:, i:i + stride * (rows - 1) + 1:stride, j:j + stride * (cols - 1) + 1:stride] * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+            window = x[:, i:i + stride * (rows - 1) + 1:stride, j:j + stride * (cols - 1) + 1:stride]
+            out = out + (window * kernel[i, j, 0]).astype(jnp.float32)
+    return out.astype(x.dtype)
 
 
 def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -57,14 +59,14 @@ def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> 
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-    """The faster of the two equal implementations on the default backend (``bench/depthwise.py``).
+    """The faster of the two equal implementations on the platform the computation is lowered for.
 
     On the CPU, XLA's grouped convolution, and above all its gradient, is slow: the shifted multiply-adds
-    make AnchorNet's training step about 3x faster there. On an H100 cuDNN's grouped convolution wins (the shifted
-    form is 0.88x), so GPUs and TPUs use it.
+    make AnchorNet's training step 3-4x faster there (``bench/depthwise.py``). On an H100 cuDNN's grouped
+    convolution wins (the shifted form is 0.88x), so every other platform uses it (only the H100 was measured).
     """
-    impl = shifted_depthwise_conv if jax.default_backend() == "cpu" else grouped_depthwise_conv
-    return impl(x, kernel, stride)
+    return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(shifted_depthwise_conv, stride=stride),
+                                      default=functools.partial(grouped_depthwise_conv, stride=stride))
 
 
 class DepthwiseConv(nn.Module):
@@ -115,6 +117,9 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.depthwise:
+            if self.features != x.shape[-1]:
+                raise ValueError(f"a depthwise ConvBN keeps the width: features={self.features} but the input has "
+                                 f"{x.shape[-1]} channels")
             x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
         else:
             x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="VALID",
