@@ -472,7 +472,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "lsp")
     anchornet, classifier = load_trained(args.workdir), load_trained(args.downstream)
-    _check_pair(anchornet, classifier)
     settings = tuple(SETTINGS) if args.setting == "both" else (args.setting,)
     result = run_lsp(anchornet, classifier, settings=settings, patch_input=args.patch_input,
                      input_scale=args.input_scale,

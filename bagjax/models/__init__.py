@@ -50,11 +50,7 @@ def is_bagnet(name: str) -> bool:
 
 def receptive_field(name: str, **kw: Any) -> tuple[int, int]:
     """(receptive field, stride) in input pixels of a BagNet; AnchorNet's largest branch for ``anchornet``."""
-    if is_bagnet(name):
-        model = create_model(name, num_classes=1, **kw)
+    model = create_model(name, num_classes=1, **kw)
+    if hasattr(model, "receptive_field"):
         return model.receptive_field, model.stride
-    if name == "anchornet":
-        from bagjax.models.anchornet import RECEPTIVE_FIELDS, STRIDE
-
-        return max(RECEPTIVE_FIELDS), STRIDE
     raise ValueError(f"{name!r} has no bounded receptive field; BagNets and AnchorNet do")

@@ -160,6 +160,15 @@ class AnchorNet(nn.Module):
                              f"running average); got {self.bn_momentum}")
         super().__post_init__()
 
+    @property
+    def receptive_field(self) -> int:
+        """The largest branch's receptive field, hence the smallest input side AnchorNet takes (section 3.1)."""
+        return MIN_INPUT
+
+    @property
+    def stride(self) -> int:
+        return STRIDE
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, dict[int, jax.Array]]:
         if x.ndim != 4 or min(x.shape[1], x.shape[2]) < MIN_INPUT:

@@ -115,9 +115,6 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
                              f"use a multiple of {n}, e.g. --config.{key}={max(n, config[key] // n * n)}")
     model = build_model(config, num_classes)
     rf = getattr(model, "receptive_field", None)
-    if config.model == "anchornet":
-        from bagjax.models.anchornet import RECEPTIVE_FIELDS
-        rf = max(RECEPTIVE_FIELDS)
     if rf is not None and config.image_size < rf:
         raise ValueError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
                          f"use --config.image_size={rf} or larger")
