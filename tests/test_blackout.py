@@ -1,5 +1,8 @@
 """Patch/channel blackout (Zou, Yan & Liu, sections 5-6, Table 1) and sparse kept-patch evaluation."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,7 @@ from bagjax import data, patches
 from bagjax.experiments import blackout
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
+from trainutil import ROOT, train_env
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +131,7 @@ def test_cli_writes_table_csv_and_plot(smoke, tmp_path, capsys):
     blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "2", "--keeps", "0,0.5",
                    "--max-examples", "10"])
     markdown = (tmp_path / "blackout.md").read_text()
-    assert 'Random 75% "blackout"' in markdown and "Alternating" in markdown and "10 eval examples" in markdown
+    assert 'Random 75% "blackout"' in markdown and "Alternating" in markdown and "10 examples of split `validation`" in markdown
     assert markdown in capsys.readouterr().out
     lines = (tmp_path / "blackout.csv").read_text().splitlines()
     # none + alternating + random (2 seeds) and top at keeps {0, 0.25, 0.5, 0.75}
@@ -141,3 +145,26 @@ def test_cli_rejects_bad_arguments(smoke, tmp_path):
         blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "0"])
     with pytest.raises(SystemExit):
         blackout.main(["--out", str(tmp_path)])
+
+
+def test_split_option_evaluates_another_split(smoke, tmp_path):
+    """The paper's Table 1 is on the test split: --split picks any split of the workdir's dataset."""
+    workdir, metrics, _ = smoke
+    blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "1", "--keeps", "0.5",
+                   "--split", "train[:7]"])
+    markdown = (tmp_path / "blackout.md").read_text()
+    assert "7 examples of split `train[:7]`" in markdown and metrics["eval_count"] != 7
+    rows = (tmp_path / "blackout.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["mode", "split"] and all(",train[:7]," in r for r in rows[1:])
+    with pytest.raises(ValueError, match="no split 'tset'"):
+        blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--split", "tset"])
+
+
+def test_missing_workdir_is_one_line_and_creates_nothing(tmp_path):
+    missing = tmp_path / "no_such_run"
+    for module, extra in (("blackout", []), ("lsp", ["--downstream", str(missing)])):
+        proc = subprocess.run([sys.executable, "-m", f"bagjax.experiments.{module}", "--workdir", str(missing),
+                               *extra], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "is not a bagjax training workdir" in proc.stderr
+        assert not missing.exists()

@@ -4,8 +4,11 @@ Zou, Yan & Liu, "CNN Image Recognition Architecture Simplification using Patch-B
 Techniques" (sections 5-6, Table 1): evaluate a trained BagNet while ignoring part of its evidence, either
 every other patch ("alternating") or a random 25%, 50% or 75% of patches.
 
-    python -m bagjax.experiments.blackout --workdir DIR [--out DIR] [--seeds 5] [--mode patches|channels]
-                                          [--max-examples N] [--compute-table]
+    python -m bagjax.experiments.blackout --workdir DIR [--split SPLIT] [--out DIR] [--seeds 5]
+                                          [--mode patches|channels] [--max-examples N] [--compute-table]
+
+The paper's Table 1 reports the test split; ``--split`` picks it (e.g. ``train[90%:]``, the test slice of the
+tf_flowers config); the default is the workdir's eval split.
 
 Two modes, because the paper's text and its public code disagree:
 
@@ -231,8 +234,12 @@ def blackout_step(model: nn.Module, schemes: Sequence[Scheme], mode: str) -> Cal
 
 
 def run_blackout(model: nn.Module, variables: Any, config: Any, schemes: Sequence[Scheme], *,
-                 mode: str = "patches", max_examples: int | None = None) -> list[dict[str, Any]]:
-    """Evaluate every scheme over the eval split (or its first ``max_examples``); one row per scheme."""
+                 mode: str = "patches", max_examples: int | None = None,
+                 split: str | None = None) -> list[dict[str, Any]]:
+    """Evaluate every scheme over ``split`` (default: the config's eval split), or its first ``max_examples``.
+
+    One row per scheme.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown --mode {mode!r}: choose one of {', '.join(MODES)}")
     patches.receptive_field(model)  # raises for a model without a patch grid
@@ -243,6 +250,9 @@ def run_blackout(model: nn.Module, variables: Any, config: Any, schemes: Sequenc
     size = int(config.image_size)
     shape = patches.grid_shape(model, size, size) if mode == "patches" else (model.num_features,)
     units = int(np.prod(shape))
+    if split is not None:
+        config = config.copy_and_resolve_references()
+        config.data.eval_split = split
     total = data.dataset_info(config).num_eval
     total = total if max_examples is None else min(total, max_examples)
     step = blackout_step(model, schemes, mode)
@@ -267,8 +277,9 @@ def run_blackout(model: nn.Module, variables: Any, config: Any, schemes: Sequenc
     finally:
         bar.close()
     if count == 0:
-        raise ValueError("the eval split is empty: check config.data.eval_split")
-    return [{"mode": mode, "policy": s.policy, "keep_fraction": s.keep, "drop_fraction": round(s.drop, 6),
+        raise ValueError(f"the split {config.data.eval_split!r} is empty: give another --split")
+    return [{"mode": mode, "split": str(config.data.eval_split), "policy": s.policy, "keep_fraction": s.keep,
+             "drop_fraction": round(s.drop, 6),
              "kept": scheme_kept(s, shape), "units": units, "seed": s.seed,
              "accuracy": correct[i] / count, "loss": loss[i] / count, "examples": count}
             for i, s in enumerate(schemes)]
@@ -307,8 +318,8 @@ def blackout_markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
           _cell(groups[("random", k)], "loss"), _cell(groups[("top", k)], "accuracy"),
           _cell(groups[("top", k)], "loss")] for k in keeps])
     return (f"## Blackout, mode `{mode}`: {title}\n\n"
-            f"{rows[0]['examples']} eval examples, {units} {unit} per image; random schemes: mean ± std over "
-            f"{seeds} seed(s); random p% = p% of the {unit} dropped. Shaped like Table 1 of Zou, Yan & Liu:\n\n"
+            f"{rows[0]['examples']} examples of split `{rows[0]['split']}`, {units} {unit} per image; random schemes: "
+            f"mean ± std over {seeds} seed(s); random p% = p% of the {unit} dropped. Shaped like Table 1 of Zou, Yan & Liu:\n\n"
             f"{table1}\n"
             f"### Keep-fraction sweep (at least one of the {units} {unit} kept)\n\n"
             "Top-evidence keeps the units with the largest contribution to the unmasked model's predicted "
@@ -453,6 +464,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bagjax.experiments.blackout",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", help="a BagNet training workdir (python train.py ... --workdir DIR)")
+    p.add_argument("--split", help="the split to evaluate, e.g. test or train[90%%:] (default: the workdir's "
+                   "eval split; the paper's Table 1 is on the test split)")
     p.add_argument("--out", help="output directory (default: WORKDIR/blackout)")
     p.add_argument("--seeds", type=int, default=5, help="seeds of every random scheme (mean ± std)")
     p.add_argument("--mode", choices=MODES, default="patches",
@@ -477,16 +490,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "blackout")
-    out.mkdir(parents=True, exist_ok=True)
     if args.workdir:
         from bagjax.workdir import load_trained
 
-        trained = load_trained(args.workdir)
+        trained = load_trained(args.workdir)  # first: a mistyped --workdir must not get a blackout/ folder
         schemes = make_schemes(args.seeds, args.keeps)
         start = time.perf_counter()
         rows = run_blackout(trained.model, trained.variables, trained.config, schemes, mode=args.mode,
-                            max_examples=args.max_examples)
+                            max_examples=args.max_examples, split=args.split)
         title = f"{trained.config.model}, head `{trained.config.head}`, {args.workdir}"
+        out.mkdir(parents=True, exist_ok=True)
         markdown = blackout_markdown(rows, title)
         (out / "blackout.md").write_text(markdown)
         report.write_csv(out / "blackout.csv", rows)
@@ -501,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = compute_table(keeps=args.compute_keeps, image_size=args.compute_image_size,
                              batch=args.compute_batch)
         markdown = compute_markdown(rows)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "compute.md").write_text(markdown)
         report.write_csv(out / "compute.csv", rows)
         print(markdown)
