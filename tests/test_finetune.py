@@ -1,0 +1,66 @@
+"""Fine-tuning, the blackout paper's setup (Zou, Yan & Liu, section 4): ``init_from`` and ``freeze_backbone``.
+
+A random-weight PyTorch BagNet-9 (tests/torch_reference.py, non-trivial BatchNorm statistics, 10 classes) goes
+through ``bagjax.convert`` and is fine-tuned on the 4-class synthetic set with a frozen backbone; that workdir then
+initialises a second run. Full-size BagNet-9 (the converter's layout) at 40 px keeps the compilation small.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+import torch_reference
+from bagjax import convert
+from bagjax.training.checkpoints import read_variables
+from trainutil import restore_params, run_train
+
+FULL_SIZE = ("--config.model=bagnet9", "--config.model_kwargs.width=64", "--config.model_kwargs.stage_sizes=(3,4,6,3)",
+             "--config.heatmap_images=0", "--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.5",
+             "--config.total_steps=2", "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2")
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory):
+    """(converted variables, converted dir, workdir, train.py stdout) of a frozen-backbone fine-tune."""
+    root = tmp_path_factory.mktemp("finetune")
+    reference = torch_reference.build_reference("bagnet9", 10, seed=5)
+    variables = convert.from_torch_state_dict("bagnet9", reference.state_dict())
+    convert.write_pretrained(root / "converted", variables, model="bagnet9", num_classes=10)
+    proc = run_train("demo.py:smoke", root / "frozen", *FULL_SIZE, f"--config.init_from={root / 'converted'}",
+                     "--config.freeze_backbone=True")
+    return variables, root / "converted", root / "frozen", proc.stdout
+
+
+def test_frozen_backbone_keeps_every_backbone_array_and_statistic_bit_identical(frozen_run):
+    converted, source, workdir, stdout = frozen_run
+    assert f"initialised from bagnet9 weights converted from {source}; new head (2 arrays)" in stdout
+    before = _flat(converted)
+    steps = [_flat(restore_params(workdir, step)) for step in (1, 2)]
+    assert set(steps[1]) == set(before)
+    backbone = [k for k in before if "/head/" not in f"/{k}/"]
+    assert len(backbone) == len(before) - 2 and any(k.startswith("batch_stats/") for k in backbone)
+    for key in backbone:
+        for after in steps:
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    # The head was re-initialised for the 4 classes (the converted one has 10) and it is what trains.
+    for key in ("params/head/kernel", "params/head/bias"):
+        assert steps[0][key].shape[-1] == 4 and before[key].shape[-1] == 10
+        assert not np.array_equal(steps[0][key], steps[1][key]), key
+
+
+def test_init_from_a_training_workdir_takes_every_array(frozen_run, tmp_path):
+    """A workdir (its best checkpoint) initialises everything, the head too; lr 0 keeps the parameters as loaded."""
+    _, _, workdir, _ = frozen_run
+    proc = run_train("demo.py:smoke", tmp_path, *FULL_SIZE, f"--config.init_from={workdir}",
+                     "--config.optimizer.learning_rate=0.0", "--config.total_steps=1", "--config.seed=1")
+    assert f"initialised from training workdir {workdir}\n" in proc.stdout
+    loaded, after = _flat(read_variables(workdir)), _flat(restore_params(tmp_path, 1))
+    params = [k for k in loaded if k.startswith("params/")]
+    assert "params/head/kernel" in params
+    for key in params:
+        np.testing.assert_array_equal(after[key], loaded[key], err_msg=key)
