@@ -191,6 +191,29 @@ def test_preprocess_for_eval_resize_then_center_crop():
         data.preprocess_for_eval(image, 224, crop_fraction=0.0)
 
 
+
+@pytest.mark.parametrize('height,width', [(300, 400), (333, 250), (256, 256), (500, 281)])
+def test_eval_preprocessing_equals_torchs_antialiased_resize_and_center_crop(height, width):
+    """torchvision's Resize(256) + CenterCrop(224), rebuilt from torch ops: the shorter side goes to 256 and the
+    longer to int(256 * long / short), antialiased bilinear resize (torch.nn.functional.interpolate, what
+    torchvision's tensor Resize calls), crop offsets int(round((size - 224) / 2)). Uniform noise: a crop one
+    pixel off, or another filter, differs by ~40 grey levels; PIL's uint8 output differs only by rounding."""
+    torch = pytest.importorskip('torch')
+    image = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    short, long = sorted((height, width))
+    new_long = int(256 * long / short)
+    new_h, new_w = (new_long, 256) if height > width else (256, new_long)
+    resized = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].double(),
+                                              size=(new_h, new_w), mode='bilinear', align_corners=False,
+                                              antialias=True)[0].permute(1, 2, 0).numpy()
+    top, left = int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0))
+    expected = resized[top:top + 224, left:left + 224]
+    got = data.preprocess_for_eval(image, 224) * np.array(preprocess.STDDEV_RGB) * 255 \
+        + np.array(preprocess.MEAN_RGB) * 255  # back to grey levels
+    assert got.shape == expected.shape == (224, 224, 3)
+    difference = np.abs(got - expected)
+    assert difference.max() <= 1.01 and difference.mean() < 0.4, (difference.max(), difference.mean())
+
 # ----------------------------------------------------------------- imagefolder
 
 LABELS = ('cat', 'dog', 'fish')
