@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import figutil
 from bagjax import data, patches
 from bagjax.experiments import blackout
 from bagjax.models import create_model
@@ -136,7 +137,10 @@ def test_cli_writes_table_csv_and_plot(smoke, tmp_path, capsys):
     lines = (tmp_path / "blackout.csv").read_text().splitlines()
     # none + alternating + random (2 seeds) and top at keeps {0, 0.25, 0.5, 0.75}
     assert len(lines) == 1 + 2 + 4 * 2 + 4
-    assert (tmp_path / "blackout.png").stat().st_size > 1000
+    pixels = figutil.read_figure(tmp_path / "blackout.png", (1320, 504))  # figsize (11, 4.2) at 120 dpi
+    for colour in (figutil.TAB_BLUE, figutil.TAB_ORANGE, figutil.TAB_GREEN):  # random, top-evidence, alternating
+        for half in (pixels[:, :660], pixels[:, 660:]):  # accuracy and cross-entropy panels
+            assert figutil.share_of_colour(half, colour) > 1e-4, colour
 
 
 def test_cli_rejects_bad_arguments(smoke, tmp_path):

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import figutil
 from trainutil import ROOT, train_env
 
 from bagjax.experiments import heads
@@ -38,7 +39,7 @@ def test_heads_cli_trains_each_head_and_writes_the_thesis_table(tmp_path):
     gap = 100 * (float(identity["accuracy"]) - float(learned["accuracy"]))
     assert "| Fixed Identity |" in markdown and f"{gap:+.2f}%" in markdown and "N/A" in markdown
     assert markdown in proc.stdout
-    assert (tmp_path / "heads.png").stat().st_size > 1000
+    figutil.read_figure(tmp_path / "heads.png", (672, 480))  # figsize (1.8 * 2 heads + 2, 4) at 120 dpi
 
     # A second call reuses the finished run: it resumes at the last step and only re-evaluates.
     again = _heads_cli(tmp_path, "--heads=learned", f"--out={tmp_path / 'again'}")

@@ -6,8 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
+import figutil
 from bagjax import interpret
+from bagjax.data import synthetic
 from bagjax.data.preprocess import normalize
 from bagjax.models import create_model
 
@@ -137,15 +140,39 @@ def test_plot_heatmap_clips_symmetrically_at_the_percentile():
     assert shown.get_cmap().name == "bwr"
 
 
-def test_save_heatmap_figure_writes_png(tmp_path):
-    rng = np.random.default_rng(2)
-    images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
-    stride1 = rng.standard_normal((2, 32, 32))
-    coarse = rng.standard_normal((2, 3, 3))  # a native-stride map is stretched over the image
+def test_save_heatmap_figure_shows_each_image_and_its_evidence_where_the_motif_is(tmp_path):
+    """Synthetic examples with planted motifs, and maps that are positive exactly on the motif boxes: in the
+    written figure the red (positive) part of each heatmap panel covers the motif's place in the image panel."""
+    variant = synthetic.get_variant("default")
+    examples = [synthetic.make_example(variant, 64, 1, i) for i in (0, 4)]  # one motif each
+    images = np.stack([normalize(image) for image, _, _ in examples])
+    stride1 = np.full((2, 64, 64), -1.0)
+    for heatmap, (_, _, boxes) in zip(stride1, examples):
+        (y0, x0, y1, x1), = boxes
+        heatmap[y0:y1, x0:x1] = 1.0
+    coarse = stride1[:, 4::8, 4::8]  # a native-stride (8 px) map, stretched over the image
     for name, heatmaps in [("stride1.png", stride1), ("sub/coarse.png", coarse)]:
         path = tmp_path / name
         interpret.save_heatmap_figure(path, images, heatmaps, titles=["cat", "dog"])
-        data = path.read_bytes()
-        assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC)
+        pixels = figutil.read_figure(path, (600, 600))  # figsize (6, 3 per image) at 100 dpi
+        for row, (image, _, _) in enumerate(examples):
+            panels = pixels[300 * row:300 * (row + 1)]
+            left, right = panels[:, :300], panels[:, 300:]
+            # The heatmap panel: its extent is the red and blue area, the image's 64 px stretched over it.
+            top, lft, bottom, rgt = figutil.bounding_box(figutil.red(right) | figutil.blue(right))
+            scale = ((bottom - top) / 64, (rgt - lft) / 64)
+            assert abs(scale[0] - scale[1]) < 0.05 and scale[0] > 2, scale
+            cell = 64 // heatmaps.shape[1]  # the image pixels of one heatmap value
+            y0, x0, y1, x1 = (cell * v for v in figutil.bounding_box(heatmaps[row] > 0))  # the motif box
+            expected = (top + y0 * scale[0], lft + x0 * scale[1], top + y1 * scale[0], lft + x1 * scale[1])
+            got = figutil.bounding_box(figutil.red(right))
+            np.testing.assert_allclose(got, expected, atol=2.5, err_msg=f"{name} row {row}")
+            assert figutil.red(right)[got[0]:got[2], got[1]:got[3]].mean() > 0.9  # the motif box is filled
+            # The image panel shows the image: same extent, and its pixels resampled back to 64 px match.
+            inside = np.any(left < 250, axis=-1)
+            y, x, y2, x2 = figutil.bounding_box(inside)
+            shown = np.asarray(Image.fromarray(left[y:y2, x:x2]).resize((64, 64), Image.BILINEAR), np.float32)
+            assert abs((y2 - y) - (bottom - top)) <= 2 and abs((x2 - x) - (rgt - lft)) <= 2
+            assert np.corrcoef(shown.ravel(), image.astype(np.float32).ravel())[0, 1] > 0.9
     with pytest.raises(ValueError, match="one title per image"):
         interpret.save_heatmap_figure(tmp_path / "x.png", images, stride1, titles=["cat"])

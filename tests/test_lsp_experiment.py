@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import figutil
 from bagjax.experiments import lsp
 from bagjax.localize import LSP_SLACK, LSP_VISUALIZATION
 from bagjax.models.anchornet import RECEPTIVE_FIELDS
@@ -49,8 +50,9 @@ def test_lsp_command_writes_tables_and_figures(lsp_run):
     markdown = (out / "lsp.md").read_text()
     assert "Table 3" in markdown and "Table 4" in markdown and "LSP slack" in markdown
     assert markdown in stdout
-    for name in ("lsp_patches.png", "lsp_attention.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # 2 images: 2 settings x 3.2 in and (1 + 3 branches) panels of 3 in, at 100 dpi.
+    figutil.read_figure(out / "lsp_patches.png", (640, 640))
+    figutil.read_figure(out / "lsp_attention.png", (1200, 600))
     assert {r["method"] for r in _rows(rows, "3")} == {"full image", "AnchorNet (Eq. 7)", "LSP visualization",
                                                        "LSP slack"}
     assert [r["method"] for r in _rows(rows, "4")] == [f"{rf}^2-{k}" for rf in RECEPTIVE_FIELDS for k in "RL"]

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+import figutil
 from trainutil import ROOT, run_train, train_env
 
 
@@ -30,8 +31,8 @@ def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(tmp_path):
         probabilities = [float(line.split("%")[0]) for line in lines[start + 1:start + 5]]
         assert len(probabilities) == 4  # synthetic:tiny has 4 classes; top-5 shows them all
         assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 100) < 0.1
-        png = workdir / "predictions" / f"{name}_heatmap.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        pixels = figutil.read_figure(workdir / "predictions" / f"{name}_heatmap.png", (600, 300))  # image + map
+        assert (figutil.red(pixels[:, 300:]) | figutil.blue(pixels[:, 300:])).mean() > 0.1
     assert "broken.jpg: skipped" in proc.stderr
 
 
