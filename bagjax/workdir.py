@@ -1,37 +1,21 @@
-"""What a training workdir holds, and loading a trained model from it for evaluation and interpretation.
+"""Loading a trained model from a training workdir for evaluation and interpretation.
 
 A workdir has ``config.json`` (the full config), ``dataset.json`` (class names and split sizes),
-``checkpoints/`` (orbax), ``metrics.jsonl`` and TensorBoard events. Experiments, heatmaps and
-``bagjax.predict`` all start from ``load_trained(workdir)``.
+``checkpoints/`` (orbax), ``metrics.jsonl`` and TensorBoard events; ``bagjax.training.checkpoints`` reads and
+writes that format. Experiments, heatmaps and ``bagjax.predict`` all start from ``load_trained(workdir)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
 import flax.linen as nn
 import ml_collections
 
-from bagjax.models import create_model
+from bagjax.models import build_model
 from bagjax.training import checkpoints
-
-DATASET_FILE = "dataset.json"
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """The model a config describes, with ``num_classes`` outputs."""
-    return create_model(config.model, num_classes=num_classes, head=config.head, dtype=config.dtype,
-                        **dict(config.get("model_kwargs", {})))
-
-
-def write_dataset_info(workdir: str | pathlib.Path, class_names: tuple[str, ...], num_train: int,
-                       num_eval: int) -> None:
-    info = {"class_names": list(class_names), "num_classes": len(class_names), "num_train": num_train,
-            "num_eval": num_eval}
-    (pathlib.Path(workdir) / DATASET_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +35,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
         raise FileNotFoundError(f"{workdir} is not a bagjax training workdir (no config.json and checkpoints/): "
                                 "train one with python train.py --config configs/demo.py --workdir DIR")
     config = checkpoints.read_config(workdir)
-    info = json.loads((workdir / DATASET_FILE).read_text())
+    info = checkpoints.read_dataset_info(workdir)
     variables = checkpoints.read_variables(workdir, step)
     model = build_model(config, info["num_classes"])
     return Trained(config, model, variables, tuple(info["class_names"]))

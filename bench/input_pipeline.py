@@ -30,7 +30,7 @@ from bagjax import data  # noqa: E402
 from bagjax.training import optim, sharding  # noqa: E402
 from bagjax.training.loop import train_step  # noqa: E402
 from bagjax.training.state import TrainState  # noqa: E402
-from bagjax.workdir import build_model  # noqa: E402
+from bagjax.models import build_model  # noqa: E402
 from configs import default  # noqa: E402
 
 

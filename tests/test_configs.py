@@ -24,10 +24,10 @@ import pytest
 from PIL import Image
 
 from bagjax import data
+from bagjax.models import build_model
 from bagjax.training import optim
 from bagjax.training.loop import _steps, check_config, train_step
 from bagjax.training.state import TrainState
-from bagjax.workdir import build_model
 from trainutil import ROOT
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name not in ("__init__.py", "default.py"))

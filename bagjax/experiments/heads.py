@@ -41,7 +41,7 @@ def run_config(config: ml_collections.ConfigDict, head: str, seed: int) -> ml_co
 
 def parameter_counts(config: ml_collections.ConfigDict, num_classes: int) -> tuple[int, int]:
     """(all trainable parameters, head parameters) of a config's model, from shapes only (nothing is compiled)."""
-    from bagjax.workdir import build_model
+    from bagjax.models import build_model
 
     model = build_model(config, num_classes)
     x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)

@@ -17,7 +17,7 @@ from bagjax.models.bagnet import KERNEL3, BagNet
 from bagjax.models.heads import HEADS
 from bagjax.models.resnet import ResNet50
 
-__all__ = ["MODELS", "HEADS", "create_model", "receptive_field", "is_bagnet"]
+__all__ = ["MODELS", "HEADS", "create_model", "build_model", "receptive_field", "is_bagnet"]
 
 
 def _anchornet(**kw: Any) -> nn.Module:
@@ -42,6 +42,12 @@ def create_model(name: str, *, num_classes: int, head: str = "learned", dtype: A
         raise ValueError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # hashable modules (e.g. from JSON)
     return MODELS[name](num_classes=num_classes, head=head, dtype=jnp.dtype(dtype), **kw)
+
+
+def build_model(config: Any, num_classes: int) -> nn.Module:
+    """The model a training config describes (``model``, ``head``, ``dtype``, ``model_kwargs``), with ``num_classes``."""
+    return create_model(config.model, num_classes=num_classes, head=config.head, dtype=config.dtype,
+                        **dict(config.get("model_kwargs", {})))
 
 
 def is_bagnet(name: str) -> bool:

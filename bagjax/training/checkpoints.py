@@ -4,6 +4,9 @@ A checkpoint has four items, ``step``, ``params``, ``batch_stats`` and ``opt_sta
 its flat list of leaves, which survives any optax structure), so inference restores only what it needs.
 Orbax writes each step to a temporary directory and renames it when complete, so a step that a kill
 interrupted is never taken as the latest; a step that is on disk but unreadable is skipped with a warning.
+
+The workdir format lives here too, so the loop writes through one module and readers read through it:
+``checkpoints/``, ``config.json`` (the full config) and ``dataset.json`` (class names and split sizes).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from bagjax.training.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+DATASET_FILE = "dataset.json"
 _ITEMS = ("step", "params", "batch_stats", "opt_state")
 
 
@@ -163,6 +167,18 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a bagjax training workdir")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def write_dataset_info(workdir: str | pathlib.Path, class_names: tuple[str, ...], num_train: int,
+                       num_eval: int) -> None:
+    """``dataset.json``: the class names and split sizes a workdir was trained with."""
+    info = {"class_names": list(class_names), "num_classes": len(class_names), "num_train": num_train,
+            "num_eval": num_eval}
+    (pathlib.Path(workdir) / DATASET_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_dataset_info(workdir: str | pathlib.Path) -> dict[str, Any]:
+    return json.loads((pathlib.Path(workdir) / DATASET_FILE).read_text())
 
 
 def is_workdir(path: str | pathlib.Path) -> bool:

@@ -27,11 +27,11 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from bagjax import data
-from bagjax.models import is_bagnet
+from bagjax.models import build_model, is_bagnet
 from bagjax.training import checkpoints, optim, sharding
+from bagjax.training.checkpoints import write_dataset_info
 from bagjax.training.metrics import MetricWriter
 from bagjax.training.state import TrainState
-from bagjax.workdir import build_model, write_dataset_info
 
 
 class NonFiniteLossError(RuntimeError):
