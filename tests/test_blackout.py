@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import figutil
-from bagjax import data, patches
-from bagjax.experiments import blackout
+from bagjax import blackout, data, patches
+from bagjax.experiments import blackout as experiment
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
 from trainutil import ROOT, train_env
@@ -124,12 +124,12 @@ def test_compute_table_counts_kept_patches():
     assert flops[0] < rows[0]["dense_gflops"] and flops[0] < flops[1] < flops[2]
     # Sparse cost is linear in the kept patches: every patch costs the same.
     np.testing.assert_allclose((flops[2] - flops[1]) / 12, (flops[1] - flops[0]) / 12, rtol=0.02)
-    assert "break-even" in blackout.compute_markdown(rows)
+    assert "break-even" in experiment.compute_markdown(rows)
 
 
 def test_cli_writes_table_csv_and_plot(smoke, tmp_path, capsys):
     workdir, _, _ = smoke
-    blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "2", "--keeps", "0,0.5",
+    experiment.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "2", "--keeps", "0,0.5",
                    "--max-examples", "10"])
     markdown = (tmp_path / "blackout.md").read_text()
     assert 'Random 75% "blackout"' in markdown and "Alternating" in markdown and "10 examples of split `validation`" in markdown
@@ -146,22 +146,22 @@ def test_cli_writes_table_csv_and_plot(smoke, tmp_path, capsys):
 def test_cli_rejects_bad_arguments(smoke, tmp_path):
     workdir, _, _ = smoke
     with pytest.raises(ValueError, match="--seeds"):
-        blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "0"])
+        experiment.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "0"])
     with pytest.raises(SystemExit):
-        blackout.main(["--out", str(tmp_path)])
+        experiment.main(["--out", str(tmp_path)])
 
 
 def test_split_option_evaluates_another_split(smoke, tmp_path):
     """The paper's Table 1 is on the test split: --split picks any split of the workdir's dataset."""
     workdir, metrics, _ = smoke
-    blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "1", "--keeps", "0.5",
+    experiment.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "1", "--keeps", "0.5",
                    "--split", "train[:7]"])
     markdown = (tmp_path / "blackout.md").read_text()
     assert "7 examples of split `train[:7]`" in markdown and metrics["eval_count"] != 7
     rows = (tmp_path / "blackout.csv").read_text().splitlines()
     assert rows[0].split(",")[:2] == ["mode", "split"] and all(",train[:7]," in r for r in rows[1:])
     with pytest.raises(ValueError, match="no split 'tset'"):
-        blackout.main(["--workdir", str(workdir), "--out", str(tmp_path), "--split", "tset"])
+        experiment.main(["--workdir", str(workdir), "--out", str(tmp_path), "--split", "tset"])
 
 
 def test_missing_workdir_is_one_line_and_creates_nothing(tmp_path):
