@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import figutil
+from bagjax import downstream
 from bagjax.experiments import lsp
 from bagjax.localize import LSP_SLACK, LSP_VISUALIZATION
 from bagjax.models.anchornet import RECEPTIVE_FIELDS
@@ -102,25 +103,25 @@ def test_gather_patches_cuts_each_box_from_its_image():
     images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 70, 80, 3)), jnp.float32)
     index = np.array([2, 0, 2], np.int32)
     boxes = np.array([[0, 8, 63, 71], [7, 16, 70, 79], [0, 0, 63, 63]], np.int32)
-    got = np.asarray(lsp.gather_patches(images, index, boxes, patch_size=63, out_size=63))
+    got = np.asarray(downstream.gather_patches(images, index, boxes, patch_size=63, out_size=63))
     for n, (i, (y0, x0, y1, x1)) in enumerate(zip(index, boxes)):
         np.testing.assert_array_equal(got[n], np.asarray(images)[i, y0:y1, x0:x1])
-    assert lsp.gather_patches(images, index, boxes, patch_size=63, out_size=40).shape == (3, 40, 40, 3)
+    assert downstream.gather_patches(images, index, boxes, patch_size=63, out_size=40).shape == (3, 40, 40, 3)
 
 
 def test_inputs_per_patch_input_mode():
-    assert lsp.Inputs.make("resize", 224, 96).patch == {63: 96, 95: 96, 111: 96}
-    native = lsp.Inputs.make("native", 224, 96)
+    assert downstream.Inputs.make("resize", 224, 96).patch == {63: 96, 95: 96, 111: 96}
+    native = downstream.Inputs.make("native", 224, 96)
     assert native.full == 224 and native.patch == {63: 63, 95: 95, 111: 111}
     with pytest.raises(ValueError, match="--patch-input"):
-        lsp.Inputs.make("crop", 224, 96)
+        downstream.Inputs.make("crop", 224, 96)
 
 
 def test_input_scale_resizes_every_native_input():
-    half = lsp.Inputs.make("native", 112, 48, 0.5)
+    half = downstream.Inputs.make("native", 112, 48, 0.5)
     assert half.full == 56 and half.patch == {63: 32, 95: 48, 111: 56}
     with pytest.raises(ValueError, match="--input-scale"):
-        lsp.Inputs.make("resize", 112, 48, 0.5)
+        downstream.Inputs.make("resize", 112, 48, 0.5)
     for bad in (0.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="positive"):
-            lsp.Inputs.make("native", 112, 48, bad)
+            downstream.Inputs.make("native", 112, 48, bad)
