@@ -13,6 +13,7 @@ from bagjax import interpret
 from bagjax.data import synthetic
 from bagjax.data.preprocess import normalize
 from bagjax.models import create_model
+from trainutil import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -139,6 +140,29 @@ def test_plot_heatmap_clips_symmetrically_at_the_percentile():
     assert shown.norm.vmin == pytest.approx(-np.median(np.abs(heatmap))) == pytest.approx(-shown.norm.vmax)
     assert shown.get_cmap().name == "bwr"
 
+
+def test_the_readme_demo_figure_shows_evidence_on_the_planted_motifs():
+    """docs/demo_heatmaps.png (the demo command's heatmaps.png: a trained BagNet-17, the first 8 validation images
+    of the synthetic set at 48 px): its strong evidence, red or blue, is on every image at least 3 times denser on
+    the planted motif boxes (grown by 4 px, a quarter of the receptive field) than elsewhere, and 80 % of it lies
+    there on average."""
+    pixels = figutil.read_figure(ROOT / "docs" / "demo_heatmaps.png", (600, 2400))
+    variant, inside = synthetic.get_variant("default"), []
+    for row in range(8):
+        _, _, boxes = synthetic.make_example(variant, 48, 1, row)
+        panels = pixels[300 * row:300 * (row + 1)]
+        y0, x0, y1, x1 = figutil.bounding_box(np.any(panels[:, :300] < 250, axis=-1))  # the image panel
+        heatmap = panels[y0:y1, 600 - x1:600 - x0]  # two columns laid out symmetrically
+        ys, xs = np.nonzero(figutil.red(heatmap) | figutil.blue(heatmap))
+        near = np.zeros((48, 48), bool)
+        for top, left, bottom, right in boxes:
+            near[max(top - 4, 0):bottom + 4, max(left - 4, 0):right + 4] = True
+        share = near[(ys * 48 // (y1 - y0)), (xs * 48 // (x1 - x0))].mean()
+        area = near.mean()  # the share that evidence spread evenly would have
+        density = (share / area) / max((1 - share) / (1 - area), 1e-9)  # near the motifs vs elsewhere
+        assert len(ys) > 1000 and density > 3, (row, share, area)
+        inside.append(share)
+    assert np.mean(inside) > 0.8, inside
 
 def test_save_heatmap_figure_shows_each_image_and_its_evidence_where_the_motif_is(tmp_path):
     """Synthetic examples with planted motifs, and maps that are positive exactly on the motif boxes: in the
