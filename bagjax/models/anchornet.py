@@ -81,7 +81,10 @@ BRANCHES = {
 # ... and the last row of each block is the bottleneck of the attention branch.
 ATTENTION = BneckSpec(1, 192, 96, True, "HS", 1)
 
-small_init = nn.initializers.normal(0.01)  # torchvision MobileNetV3 classifier init
+# Initialisation is torchvision's MobileNetV3: convs (SE included) He-normal fan_out, BatchNorm 1/0, zero biases
+# (bagjax.models.layers), and normal(0, 0.01) for its nn.Linear classifier. The per-location classifiers here -- the
+# class-map conv F, the auxiliary FC and the attention's 1x1 scoring conv -- get that classifier rule.
+small_init = nn.initializers.normal(0.01)
 
 
 def grid_size(size: int, rf: int) -> int:

@@ -28,11 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bagjax.models.initializers import he_normal_fan_out
+
 BN_MOMENTUM = 0.99  # PyTorch momentum 0.01 (torchvision MobileNetV3); Flax momentum is 1 - PyTorch momentum.
 BN_EPSILON = 1e-3
 SE_GATES = "se_gates"  # collection that holds recorded/fixed squeeze-and-excitation gates
-
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision kaiming_normal_(fan_out)
 
 
 def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -78,7 +78,7 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]))
+        kernel = self.param("kernel", he_normal_fan_out, (self.kernel_size, self.kernel_size, 1, x.shape[-1]))
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return depthwise_conv(x, kernel, self.stride)
 
@@ -123,7 +123,7 @@ class ConvBN(nn.Module):
             x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
         else:
             x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="VALID",
-                        use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+                        use_bias=False, kernel_init=he_normal_fan_out, dtype=self.dtype, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
                          dtype=self.dtype, name="bn")(x)
         return x if self.activation is None else ACTIVATIONS[self.activation](x)
@@ -141,8 +141,8 @@ class SqueezeExcite(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = nn.relu(nn.Dense(self.squeeze, kernel_init=conv_init, dtype=self.dtype, name="fc1")(pooled))
-        gate = hard_sigmoid(nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="fc2")(s))
+        s = nn.relu(nn.Dense(self.squeeze, kernel_init=he_normal_fan_out, dtype=self.dtype, name="fc1")(pooled))
+        gate = hard_sigmoid(nn.Dense(x.shape[-1], kernel_init=he_normal_fan_out, dtype=self.dtype, name="fc2")(s))
         if self.has_variable(SE_GATES, "gate"):
             gate = self.get_variable(SE_GATES, "gate")
         elif self.is_mutable_collection(SE_GATES) and not self.is_initializing():
