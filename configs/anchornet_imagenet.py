@@ -8,8 +8,9 @@ divided by 10 every 30 epochs, standard augmentation (random resized crop and fl
 224 px. The paper gives the auxiliary attention classifiers (section 3.2, "a FC layer and softmax ...
 behind the attention features X") no weight of their own, so their cross-entropies are added to the
 branch losses with weight 1 (``aux_loss_weight = 1.0``). AnchorNet has no width or stage options
-(its architecture is Tables 1 and 2); ``model_kwargs`` holds its pooling reading and BatchNorm momentum
-(torchvision MobileNetV3's, which the paper does not state). ``:smoke`` runs two steps.
+(its architecture is Tables 1 and 2); ``model_kwargs`` holds its pooling reading, BatchNorm momentum
+(torchvision MobileNetV3's, which the paper does not state) and SE reading (the one nearest the paper's 1.6M
+parameters, ``bagjax.models.anchornet``). ``:smoke`` runs two steps.
 Then localize patches with ``python -m bagjax.experiments.lsp --workdir runs/anchornet --downstream DIR``.
 """
 
@@ -23,7 +24,7 @@ def get_config(arg: str | None = None):
     config.dataset = "tfds:imagenet2012"
     config.data.manual_dir = ""           # where the ImageNet tar files are (TFDS manual_dir)
     config.model = "anchornet"
-    config.model_kwargs = ml_collections.ConfigDict({"pooling": "sum", "bn_momentum": 0.99})
+    config.model_kwargs = ml_collections.ConfigDict({"pooling": "sum", "bn_momentum": 0.99, "se_size": "output"})
     config.image_size = 224
     config.batch_size = 256
     config.eval_batch_size = 256

@@ -12,7 +12,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The keys every config has (DESIGN.md, Training contract).
     config.dataset = "synthetic"          # tfds:NAME[/CONFIG] | imagefolder:PATH | synthetic[:VARIANT]
     config.model = "bagnet33"             # bagnet9 | bagnet17 | bagnet33 | resnet50 | anchornet
-    config.head = "learned"               # learned | orthogonal | hadamard | identity
+    config.head = "learned"               # learned | orthogonal | orthogonal_hoffer | hadamard | identity
     config.num_classes = -1               # -1: take it from the dataset
     config.image_size = 224
     config.batch_size = 256               # global, over all devices and processes

@@ -11,6 +11,7 @@ import pytest
 from bagjax.models.anchornet import (RECEPTIVE_FIELDS, STRIDE, anchornet, grid_size, image_logits, pool_logits,
                                      training_loss)
 from bagjax.models.layers import SE_GATES, grouped_depthwise_conv, shifted_depthwise_conv
+from bagjax.models.macs import multiply_adds
 
 NUM_CLASSES = 4
 # Tiny inputs: compile time dominates, so skip XLA's costly CPU backend optimizations.
@@ -94,6 +95,28 @@ def test_rejects_bad_inputs_and_options(model, variables):
         anchornet(num_classes=3, pooling="max")
     with pytest.raises(ValueError, match="bn_momentum"):
         anchornet(num_classes=3, bn_momentum=1.5)
+    with pytest.raises(ValueError, match="unknown AnchorNet se_size 'half': choose one of expansion, input, output"):
+        anchornet(num_classes=3, se_size="half")
+
+
+# Parameters and multiply-adds (convs + FCs, eval mode) at 224 px and 1000 classes, and the SE FCs of head3
+# (Table 1 row "1x1, Exp 96, Out 40, SE", input 24 channels): squeeze 96/4 = 24, 24 // 4 = 6 or 40 // 4 = 10.
+SE_READINGS = {"expansion": (2_529_440, 486_307_336, (96, 24)), "input": (1_706_436, 485_485_288, (96, 6)),
+               "output": (1_550_310, 485_332_840, (40, 10))}
+
+
+@pytest.mark.parametrize("se_size", SE_READINGS)
+def test_se_size_readings_parameters_and_multiply_adds(se_size):
+    """The paper gives 1.6M parameters and 0.5G multiply-adds; 'output' (the default) is the closest reading."""
+    params, macs, fc1 = SE_READINGS[se_size]
+    model = anchornet(num_classes=1000, se_size=se_size)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert sum(leaf.size for leaf in jax.tree.leaves(variables["params"])) == params
+    assert multiply_adds(model, variables, x) == macs
+    se = variables["params"]["head3"]["se"]
+    assert se["fc1"]["kernel"].shape == fc1 and se["fc2"]["kernel"].shape == fc1[::-1]
+    assert (model.se_size == "output") == (se_size == "output")  # the default
 
 
 def test_receptive_fields_with_fixed_se_gates(model, variables, eval_run):
@@ -146,7 +169,7 @@ def test_training_step_lowers_the_loss(model, variables):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert any(bool((a != b).any()) for a, b in zip(jax.tree.leaves(state["batch_stats"]),
                                                     jax.tree.leaves(variables["batch_stats"])))
-    params = optax.apply_updates(variables["params"], jax.tree.map(lambda g: -1e-2 * g, grads))
+    params = optax.apply_updates(variables["params"], jax.tree.map(lambda g: -1e-3 * g, grads))
     (loss1, _), _ = loss_and_grad(params)
     assert np.isfinite(float(loss0)) and float(loss1) < float(loss0)
 

@@ -4,13 +4,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-import scipy.linalg
 
 from bagjax import patches
 from bagjax.models import HEADS, create_model, receptive_field
-from bagjax.models.heads import hadamard_matrix, orthogonal_matrix
 
 BAGNETS = {"bagnet9": (9, 27), "bagnet17": (17, 26), "bagnet33": (33, 24)}
 
@@ -105,15 +102,6 @@ def test_image_logits_are_the_mean_of_independently_evaluated_patches_for_every_
     chex.assert_trees_all_close(logits, single.mean(axis=(1, 2)), atol=1e-4)
 
 
-def test_identity_head_has_no_parameters_and_returns_first_channels():
-    model = create_model("bagnet9", num_classes=5, head="identity", width=4, stage_sizes=(1, 1, 1, 1))
-    x = jax.random.normal(jax.random.key(2), (1, 33, 33, 3))
-    variables = model.init(jax.random.key(0), x)
-    assert "head" not in variables["params"]
-    features = model.apply(variables, x, method="features")
-    chex.assert_trees_all_close(model.apply(variables, x, method="patch_logits"), features[..., :5])
-
-
 def test_identity_head_with_more_classes_than_channels():
     with pytest.raises(ValueError, match="identity head needs num_classes <= feature channels, got 200 > 128"):
         create_model("bagnet9", num_classes=200, head="identity", width=4).init(
@@ -127,39 +115,6 @@ def test_identity_head_with_more_classes_than_channels():
     assert last["conv3"]["kernel"].shape == (1, 1, 32, 200) and last["conv3"]["bias"].shape == (200,)
     assert "bn3" not in last
     assert model.apply(variables, x, method="patch_logits").shape == (1, 3, 3, 200)
-
-
-def test_hadamard_matrix_is_scipys_truncated():
-    for n_c, n_k in [(2048, 1000), (512, 1000), (3, 2), (64, 64)]:
-        order = 2 ** int(np.ceil(np.log2(max(n_c, n_k))))
-        np.testing.assert_array_equal(hadamard_matrix(n_c, n_k), scipy.linalg.hadamard(order)[:n_k, :n_c])
-
-
-def test_orthogonal_matrix_is_semi_orthogonal_and_fixed():
-    w = orthogonal_matrix(64, 10)
-    np.testing.assert_allclose(w @ w.T, np.eye(10), atol=1e-5)
-    w = orthogonal_matrix(16, 40)
-    np.testing.assert_allclose(w.T @ w, np.eye(16), atol=1e-5)
-    np.testing.assert_array_equal(orthogonal_matrix(64, 10), orthogonal_matrix.__wrapped__(64, 10))
-
-
-@pytest.mark.parametrize("head,scale", [("orthogonal", 10.0), ("hadamard", 1 / np.sqrt(128))])
-def test_fixed_matrices_are_not_parameters_gradients_or_optimizer_state(head, scale):
-    model = create_model("bagnet9", num_classes=10, head=head, width=4, stage_sizes=(1, 1, 1, 1))
-    x = jax.random.normal(jax.random.key(2), (2, 17, 17, 3))
-    variables = model.init(jax.random.key(0), x)
-    head_params = variables["params"]["head"]
-    assert set(head_params) == {"scale", "bias"}
-    np.testing.assert_allclose(head_params["scale"], scale, rtol=1e-6)
-
-    def loss(params):
-        return model.apply({**variables, "params": params}, x).sum()
-
-    grads = jax.jit(jax.grad(loss))(variables["params"])
-    opt_state = optax.sgd(0.1, momentum=0.9).init(variables["params"])
-    for tree in (variables, grads, opt_state):
-        assert all(leaf.shape != (10, 128) and leaf.shape != (128, 10) for leaf in jax.tree.leaves(tree))
-    assert float(jnp.abs(grads["head"]["scale"])) > 0
 
 
 @pytest.mark.parametrize("name", ["bagnet17", "resnet50"])

@@ -8,7 +8,7 @@ per-stage count, so the receptive field stays 9, 17 or 33 px at stride 8.
 exact torchvision state_dict key names; torchvision itself is not a dependency.
 
 One deliberate difference from the official BagNet code: it averages with
-`nn.AvgPool2d(x.size(2))`, which only covers a square feature map; here the image logits are the
+`nn.AvgPool2d(x.size(2), stride=1)`, which raises on a non-square feature map; here the image logits are the
 true mean over all spatial locations, which equals the official result on square inputs.
 """
 from __future__ import annotations

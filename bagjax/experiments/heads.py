@@ -1,7 +1,7 @@
 """Learned vs fixed classifier heads on the same backbone (Qian 2020, thesis chapter 3; Tables 5.1-5.5).
 
     python -m bagjax.experiments.heads --config configs/demo.py --workdir DIR [--seeds 1]
-        [--heads learned,orthogonal,hadamard,identity] [--config.KEY=VALUE ...]
+        [--heads learned,orthogonal,orthogonal_hoffer,hadamard,identity] [--config.KEY=VALUE ...]
 
 Trains the config's backbone once per head and seed in ``DIR/<head>_seed<k>/`` with
 ``bagjax.training.loop.train_and_evaluate`` (a finished run is resumed, i.e. only re-evaluated), then writes
@@ -26,7 +26,8 @@ import numpy as np
 from bagjax.experiments import report
 from bagjax.models import HEADS
 
-HEAD_LABELS = {"learned": "Learned", "orthogonal": "Fixed Orthogonal", "hadamard": "Fixed Hadamard",
+HEAD_LABELS = {"learned": "Learned", "orthogonal": "Fixed Orthogonal",
+               "orthogonal_hoffer": "Fixed Orthogonal (Hoffer)", "hadamard": "Fixed Hadamard",
                "identity": "Fixed Identity"}
 
 

@@ -1,7 +1,8 @@
 """Model registry: ``create_model(name, *, num_classes, head='learned', dtype=..., **kw)``.
 
 Names: ``bagnet9``, ``bagnet17``, ``bagnet33`` (Brendel & Bethge 2019), ``resnet50`` (torchvision) and
-``anchornet`` (Yang et al.). Heads: ``learned``, ``orthogonal``, ``hadamard``, ``identity`` (Qian 2020).
+``anchornet`` (Yang et al.). Heads: ``learned``, ``orthogonal``, ``orthogonal_hoffer``, ``hadamard``,
+``identity`` (Qian 2020; Hoffer et al. 2018).
 ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters and logits stay float32.
 """
 

@@ -21,11 +21,18 @@ Every conv is unpadded, so location (i, j) of branch rf sees the input box ``[8i
 through the conv path. SE blocks pool globally; see ``bagjax.models.layers`` for holding their gates fixed.
 
 Reading of the tables: Table 2 lists the 3x3/480 bottleneck first in both B63 and B95; each branch gets its own
-(unshared) copy. At 224 px and 1000 classes this gives 2.53M parameters (2.24M without the training-only
-auxiliary FCs; 1.03M of them in SE blocks) and 0.51 G multiply-adds (XLA cost analysis, 1.02 GFLOPs), against
-the paper's 1.6M and 0.5G (the paper's "FLOPs" are multiply-adds, as for MobileNetV3). The FLOPs match; the
-parameter gap sits in parameters that cost almost no FLOPs (SE FCs, classifiers), so the paper likely used a
-smaller SE squeeze or counted differently; the tables do not say.
+(unshared) copy. The tables mark which bottlenecks have SE but not its size, and the paper gives 1.6M parameters
+and 0.5G "FLOPs" (multiply-adds of convs and FCs, as for MobileNetV3; ``bagjax.models.macs``). ``se_size``
+picks one of three readings (``layers.SE_SIZES``); at 224 px and 1000 classes, eval mode:
+
+- ``'output'`` (default, the nearest to 1.6M): SE on the projected output, squeeze out/4: 1.55M parameters;
+- ``'input'``: SE on the expanded features, squeeze = input channels/4 as in the authors' later public
+  ``Block``: 1.71M;
+- ``'expansion'``: SE on the expanded features, squeeze expansion/4 (MobileNetV3): 2.53M, 1.03M of them in SE.
+
+All three cost 0.485G multiply-adds (XLA: 1.01G FLOPs); the readings differ only in parameters that cost
+almost no FLOPs. Each count includes the training-only auxiliary FCs (0.29M); ``python -m bagjax.models.macs``
+prints the table.
 
 Not to be confused with the later single-branch localizer in the authors' public code (swish activations,
 95 px patches, no attention branches): that is a different model and is not implemented here.
@@ -40,12 +47,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bagjax.models.layers import BN_MOMENTUM, Bneck, ConvBN
+from bagjax.models.layers import BN_MOMENTUM, SE_SIZES, Bneck, ConvBN
 
 RECEPTIVE_FIELDS = (63, 95, 111)
 STRIDE = 8
 MIN_INPUT = max(RECEPTIVE_FIELDS)
 POOLINGS = ("sum", "mean")
+SE_SIZE = "output"  # the default reading of the SE blocks (see the module docstring and layers.SE_SIZES)
 
 
 class BneckSpec(NamedTuple):
@@ -81,7 +89,10 @@ BRANCHES = {
 # ... and the last row of each block is the bottleneck of the attention branch.
 ATTENTION = BneckSpec(1, 192, 96, True, "HS", 1)
 
-small_init = nn.initializers.normal(0.01)  # torchvision MobileNetV3 classifier init
+# Initialisation is torchvision's MobileNetV3: convs (SE included) He-normal fan_out, BatchNorm 1/0, zero biases
+# (bagjax.models.layers), and normal(0, 0.01) for its nn.Linear classifier. The per-location classifiers here -- the
+# class-map conv F, the auxiliary FC and the attention's 1x1 scoring conv -- get that classifier rule.
+small_init = nn.initializers.normal(0.01)
 
 
 def grid_size(size: int, rf: int) -> int:
@@ -120,15 +131,18 @@ class LocalizationBranch(nn.Module):
     pooling: str = "sum"
     bn_momentum: float = BN_MOMENTUM
     dtype: jnp.dtype = jnp.float32
+    se_size: str = SE_SIZE
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool) -> dict[str, jax.Array]:
         z = h
         for i, spec in enumerate(BRANCHES[self.rf]):
-            z = Bneck(*spec, bn_momentum=self.bn_momentum, dtype=self.dtype, name=f"bneck{i}")(z, train)
+            z = Bneck(*spec, bn_momentum=self.bn_momentum, se_size=self.se_size, dtype=self.dtype,
+                      name=f"bneck{i}")(z, train)
         f = nn.Conv(self.num_classes, (1, 1), kernel_init=small_init, dtype=self.dtype,
                     name="classifier")(z).astype(jnp.float32)
-        x = Bneck(*ATTENTION, bn_momentum=self.bn_momentum, dtype=self.dtype, name="attention_bneck")(z, train)
+        x = Bneck(*ATTENTION, bn_momentum=self.bn_momentum, se_size=self.se_size, dtype=self.dtype,
+                  name="attention_bneck")(z, train)
         s = SpatialAttention(name="attention")(x)
         out = {"logits": pool_logits(f, s, self.pooling), "class_maps": f, "attention": s}
         if train or self.is_initializing():
@@ -151,10 +165,13 @@ class AnchorNet(nn.Module):
     pooling: str = "sum"
     bn_momentum: float = BN_MOMENTUM
     dtype: jnp.dtype = jnp.float32
+    se_size: str = SE_SIZE
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown AnchorNet pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if self.se_size not in SE_SIZES:
+            raise ValueError(f"unknown AnchorNet se_size {self.se_size!r}: choose one of {', '.join(SE_SIZES)}")
         if not 0.0 <= self.bn_momentum < 1.0:
             raise ValueError(f"AnchorNet bn_momentum must be in [0, 1) (Flax convention: the weight of the old "
                              f"running average); got {self.bn_momentum}")
@@ -177,19 +194,21 @@ class AnchorNet(nn.Module):
         h = ConvBN(STEM_FEATURES, 3, 2, activation="HS", bn_momentum=self.bn_momentum, dtype=self.dtype,
                    name="stem")(x.astype(self.dtype), train)
         for i, spec in enumerate(HEAD):
-            h = Bneck(*spec, bn_momentum=self.bn_momentum, dtype=self.dtype, name=f"head{i}")(h, train)
+            h = Bneck(*spec, bn_momentum=self.bn_momentum, se_size=self.se_size, dtype=self.dtype,
+                      name=f"head{i}")(h, train)
         outputs: dict[str, dict[int, jax.Array]] = {}
         for rf in RECEPTIVE_FIELDS:
             branch = LocalizationBranch(rf, self.num_classes, self.pooling, self.bn_momentum, self.dtype,
-                                        name=f"branch{rf}")(h, train)
+                                        self.se_size, name=f"branch{rf}")(h, train)
             for key, value in branch.items():
                 outputs.setdefault(key, {})[rf] = value
         return outputs
 
 
 def anchornet(*, num_classes: int, head: str = "learned", dtype: Any = jnp.float32, **kw: Any) -> AnchorNet:
-    """Factory for ``create_model('anchornet', ...)``; ``kw`` may set ``pooling`` ('sum' or 'mean') and
-    ``bn_momentum`` (Flax convention; default 0.99 as torchvision's MobileNetV3, 0.9 for short runs)."""
+    """Factory for ``create_model('anchornet', ...)``; ``kw`` may set ``pooling`` ('sum' or 'mean'),
+    ``bn_momentum`` (Flax convention; default 0.99 as torchvision's MobileNetV3, 0.9 for short runs) and
+    ``se_size`` ('output', 'input' or 'expansion'; see the module docstring)."""
     if head != "learned":
         raise ValueError(f"AnchorNet only supports head='learned' (its classifier is the per-branch linear "
                          f"1x1 conv of Table 2); got head={head!r}")

@@ -6,8 +6,11 @@ only in the first ``kernel3[s]`` blocks of stage s (everything else 1x1). Every 
 top-left aligned: location (i, j) sees the box ``[8i, 8i + rf) x [8j, 8j + rf)``.
 
 The head is applied per location (``patch_logits``) and the image logits are their plain mean, the
-bag-of-features property. The official code instead pools with ``AvgPool2d(x.size(2))``, which is the same
-for square inputs but wrong for non-square ones; bagjax takes the true spatial mean.
+bag-of-features property. The official code instead pools with ``AvgPool2d(x.size(2), stride=1)``, which is
+the same mean on a square feature map and raises on a non-square one; bagjax takes the spatial mean of any map.
+
+Initialisation as the official code: convs normal(0, sqrt(2 / (k*k*out))), BatchNorm 1 and 0, the fc layer
+PyTorch's ``nn.Linear`` default (``bagjax.models.initializers``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Classifier heads: learned, fixed orthogonal, fixed Hadamard and fixed identity.
+"""Classifier heads: learned, fixed orthogonal (the thesis's and Hoffer et al.'s), fixed Hadamard, fixed identity.
 
 Qian, "Deep Convolutional Networks without Learning the Classifier Layer" (RIT thesis 2020), chapter 3,
 after Hoffer et al., "Fix your classifier" (ICLR 2018). A head maps features ``(..., n_c)`` to logits
@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-HEADS = ("learned", "orthogonal", "hadamard", "identity")
+from bagjax.models.initializers import torch_default_bias, torch_default_kernel, uniform_symmetric
+
+HEADS = ("learned", "orthogonal", "orthogonal_hoffer", "hadamard", "identity")
 
 # The fixed orthogonal matrix is drawn from this seed, so it is the same in every run and never stored.
 _ORTHOGONAL_SEED = 0
@@ -56,13 +58,18 @@ def check_head(head: str, num_classes: int, num_features: int) -> None:
 
 
 class Head(nn.Module):
-    """Maps features ``(..., n_c)`` to logits ``(..., num_classes)`` with one of the thesis's four heads.
+    """Maps features ``(..., n_c)`` to logits ``(..., num_classes)`` with one of the thesis's heads.
 
-    - ``learned``: Dense with bias (thesis Eq. 3.3).
-    - ``orthogonal``: fixed semi-orthogonal W (thesis 3.2), L2-normalised features, learned scalar
-      scale (init 10) and bias (Hoffer et al. 2018).
-    - ``hadamard``: fixed truncated Hadamard W, L2-normalised features, ``y = alpha W h + b``
-      (thesis Eq. 3.6), alpha init 1/sqrt(n_c).
+    - ``learned``: Dense with bias, ``y = Wh + b`` (thesis Eq. 3.3), PyTorch's ``nn.Linear`` initialisation
+      as in the torchvision/bethgelab references (``bagjax.models.initializers``).
+    - ``orthogonal``: the thesis's fixed orthogonal classifier (section 3.2, appendix A ``rn18_orthogonal_fc``):
+      ``nn.Linear`` with a fixed semi-orthogonal W, ``y = Wh + b``; only the bias is learned (PyTorch init).
+    - ``orthogonal_hoffer``: Hoffer et al.'s ``Proj`` (fix_your_classifier/fixed_proj.py): the same fixed W
+      on L2-normalised features, ``y = s W h/|h| + b``, learned scale s (init 10) and bias (init 0).
+    - ``hadamard``: fixed truncated Hadamard W on L2-normalised features (thesis Eq. 3.6,
+      ``y = alpha W h + b``) as the thesis ran it, Hoffer et al.'s ``HadamardProj``: alpha init
+      1/sqrt(n_k) (n_k classes; also the thesis's appendix A option C), bias init U(-1/sqrt(n_k), 1/sqrt(n_k)),
+      and the reference's sign, ``-alpha W h/|h| + b`` (the same as Eq. 3.6 with the Hadamard matrix -W).
     - ``identity``: no parameters, the first ``num_classes`` feature channels (thesis 3.4).
     """
 
@@ -72,21 +79,29 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        n_c = x.shape[-1]
-        check_head(self.kind, self.num_classes, n_c)
+        n_c, n_k = x.shape[-1], self.num_classes
+        check_head(self.kind, n_k, n_c)
         if self.kind == "identity":
-            return x[..., : self.num_classes].astype(jnp.float32)
-        if self.kind == "learned":
-            kernel = self.param("kernel", nn.initializers.lecun_normal(), (n_c, self.num_classes), jnp.float32)
-            bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
+            return x[..., :n_k].astype(jnp.float32)
+        if self.kind in ("learned", "orthogonal"):
+            if self.kind == "learned":
+                kernel = self.param("kernel", torch_default_kernel, (n_c, n_k), jnp.float32)
+            else:
+                kernel = jnp.asarray(orthogonal_matrix(n_c, n_k).T)
+            bias = self.param("bias", torch_default_bias(n_c), (n_k,), jnp.float32)
             y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
             return y.astype(jnp.float32) + bias
-        if self.kind == "orthogonal":
-            w, init_scale = orthogonal_matrix(n_c, self.num_classes), 10.0
+        if self.kind == "orthogonal_hoffer":
+            w, sign = orthogonal_matrix(n_c, n_k), 1.0
+            scale = self.param("scale", nn.initializers.constant(10.0), (), jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, (n_k,), jnp.float32)
         else:
-            w, init_scale = hadamard_matrix(n_c, self.num_classes), 1.0 / math.sqrt(n_c)
-        scale = self.param("scale", nn.initializers.constant(init_scale), (), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
-        x = x.astype(jnp.float32)
-        h = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        return scale * jnp.dot(h, jnp.asarray(w).T) + bias
+            w, sign, alpha = hadamard_matrix(n_c, n_k), -1.0, 1.0 / math.sqrt(n_k)
+            scale = self.param("scale", nn.initializers.constant(alpha), (), jnp.float32)
+            bias = self.param("bias", uniform_symmetric(alpha), (n_k,), jnp.float32)
+        return sign * scale * jnp.dot(l2_normalize(x.astype(jnp.float32)), jnp.asarray(w).T) + bias
+
+
+def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
+    """``x / (|x| + 1e-8)`` over the last axis, as Hoffer et al.'s fixed projections normalise features."""
+    return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)

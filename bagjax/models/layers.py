@@ -28,11 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bagjax.models.initializers import he_normal_fan_out
+
 BN_MOMENTUM = 0.99  # PyTorch momentum 0.01 (torchvision MobileNetV3); Flax momentum is 1 - PyTorch momentum.
 BN_EPSILON = 1e-3
 SE_GATES = "se_gates"  # collection that holds recorded/fixed squeeze-and-excitation gates
-
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision kaiming_normal_(fan_out)
 
 
 def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -78,7 +78,7 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]))
+        kernel = self.param("kernel", he_normal_fan_out, (self.kernel_size, self.kernel_size, 1, x.shape[-1]))
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return depthwise_conv(x, kernel, self.stride)
 
@@ -123,7 +123,7 @@ class ConvBN(nn.Module):
             x = DepthwiseConv(self.kernel, self.stride, dtype=self.dtype, name="conv")(x)
         else:
             x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="VALID",
-                        use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+                        use_bias=False, kernel_init=he_normal_fan_out, dtype=self.dtype, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
                          dtype=self.dtype, name="bn")(x)
         return x if self.activation is None else ACTIVATIONS[self.activation](x)
@@ -141,8 +141,8 @@ class SqueezeExcite(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = nn.relu(nn.Dense(self.squeeze, kernel_init=conv_init, dtype=self.dtype, name="fc1")(pooled))
-        gate = hard_sigmoid(nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="fc2")(s))
+        s = nn.relu(nn.Dense(self.squeeze, kernel_init=he_normal_fan_out, dtype=self.dtype, name="fc1")(pooled))
+        gate = hard_sigmoid(nn.Dense(x.shape[-1], kernel_init=he_normal_fan_out, dtype=self.dtype, name="fc2")(s))
         if self.has_variable(SE_GATES, "gate"):
             gate = self.get_variable(SE_GATES, "gate")
         elif self.is_mutable_collection(SE_GATES) and not self.is_initializing():
@@ -150,8 +150,30 @@ class SqueezeExcite(nn.Module):
         return x * gate.astype(x.dtype)
 
 
+# Where a bottleneck's SE block sits and how wide its squeeze is; AnchorNet's tables do not say (see anchornet.py).
+SE_SIZES = {
+    "expansion": "on the expanded features, squeeze expansion/4 rounded to 8 (MobileNetV3, torchvision)",
+    "input": "on the expanded features, squeeze = block input channels // 4 (the authors' later public Block)",
+    "output": "on the projected output (before the residual), squeeze = output channels // 4",
+}
+
+
+def se_squeeze(se_size: str, cin: int, expansion: int, out: int) -> int:
+    """Width of the SE squeeze (its first FC) for one bottleneck under the ``se_size`` reading."""
+    if se_size == "expansion":
+        return make_divisible(expansion / 4)
+    if se_size == "input":
+        return cin // 4
+    if se_size == "output":
+        return out // 4
+    raise ValueError(f"unknown se_size {se_size!r}: choose one of {', '.join(SE_SIZES)}")
+
+
 class Bneck(nn.Module):
-    """MobileNetV3 bottleneck with a VALID depthwise conv (one row of AnchorNet Table 1 or 2)."""
+    """MobileNetV3 bottleneck with a VALID depthwise conv (one row of AnchorNet Table 1 or 2).
+
+    ``se_size`` places and sizes the SE block (``SE_SIZES``); it is named ``se`` in every reading.
+    """
 
     kernel: int
     expansion: int
@@ -160,6 +182,7 @@ class Bneck(nn.Module):
     nl: str
     stride: int = 1
     bn_momentum: float = BN_MOMENTUM
+    se_size: str = "expansion"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -171,9 +194,12 @@ class Bneck(nn.Module):
                        name="expand")(y, train)
         y = ConvBN(self.expansion, self.kernel, self.stride, depthwise=True, activation=self.nl,
                    bn_momentum=self.bn_momentum, dtype=self.dtype, name="depthwise")(y, train)
-        if self.se:
-            y = SqueezeExcite(make_divisible(self.expansion / 4), dtype=self.dtype, name="se")(y)
+        squeeze = se_squeeze(self.se_size, cin, self.expansion, self.out)
+        if self.se and self.se_size != "output":
+            y = SqueezeExcite(squeeze, dtype=self.dtype, name="se")(y)
         y = ConvBN(self.out, 1, bn_momentum=self.bn_momentum, dtype=self.dtype, name="project")(y, train)
+        if self.se and self.se_size == "output":
+            y = SqueezeExcite(squeeze, dtype=self.dtype, name="se")(y)
         if self.stride == 1 and cin == self.out:
             c = (self.kernel - 1) // 2
             y = y + x[:, c:x.shape[1] - c, c:x.shape[2] - c]

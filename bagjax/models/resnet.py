@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bagjax.models.heads import Head, check_head
+from bagjax.models.initializers import he_normal_fan_out, torch_default_bias, torch_default_kernel
 
 ModuleDef = Any
 
@@ -24,8 +25,9 @@ BN_EPSILON = 1e-5
 
 
 def conv(dtype: jnp.dtype) -> ModuleDef:
-    """A bias-free, unpadded conv as in both torch references; padding is passed per call."""
-    return functools.partial(nn.Conv, use_bias=False, padding="VALID", dtype=dtype, param_dtype=jnp.float32)
+    """A bias-free, unpadded, He-normal (fan_out) conv as in both torch references; padding is passed per call."""
+    return functools.partial(nn.Conv, use_bias=False, padding="VALID", kernel_init=he_normal_fan_out, dtype=dtype,
+                             param_dtype=jnp.float32)
 
 
 def norm(dtype: jnp.dtype, train: bool, torch_momentum: float = TORCH_BN_MOMENTUM) -> ModuleDef:
@@ -45,7 +47,11 @@ class Bottleneck(nn.Module):
     ``padding=0`` and ``kernel`` 1 or 3 give BagNet's block, whose smaller main path is met by cropping the
     skip at the bottom/right. ``out_features`` widens the last conv to n_k channels with a bias and no BN,
     and zero-pads the skip on both sides, the thesis's identity-head adaptation (Qian, 4.3.2 and appendix A
-    ``rn18_l4_1a_nc_1k``).
+    ``rn18_l4_1a_nc_1k``); that conv is created after the network's initialisation there, so it keeps PyTorch's
+    default ``nn.Conv2d`` initialisation (``bagjax.models.initializers``).
+
+    Initialisation (``bagjax.models.initializers``): every other conv He-normal with fan_out, BatchNorm
+    scale 1 and bias 0, as bethgelab's BagNet and torchvision's ResNet.
     """
 
     planes: int
@@ -72,7 +78,8 @@ class Bottleneck(nn.Module):
         if self.out_features is None:
             y = bn(name="bn3")(cv(self.planes * 4, (1, 1), name="conv3")(y))
         else:
-            y = cv(self.out_features, (1, 1), use_bias=True, name="conv3")(y)
+            y = cv(self.out_features, (1, 1), use_bias=True, kernel_init=torch_default_kernel,
+                   bias_init=torch_default_bias(self.planes), name="conv3")(y)
             extra = self.out_features - residual.shape[-1]
             residual = jnp.pad(residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
         return nn.relu(y + crop_to(residual, y))

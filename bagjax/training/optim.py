@@ -66,7 +66,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
     if config.freeze_backbone:
         if HEAD_KEY not in params:
             raise ValueError(f"freeze_backbone=True but the {config.head!r} head has no parameters to train: "
-                             "use head='learned', 'orthogonal' or 'hadamard'")
+                             "use head='learned', 'orthogonal', 'orthogonal_hoffer' or 'hadamard'")
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                    trainable_labels(params, True))
     return tx
