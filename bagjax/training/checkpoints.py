@@ -8,6 +8,7 @@ interrupted is never taken as the latest; a step that is on disk but unreadable 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -24,6 +25,32 @@ from bagjax.training.state import TrainState
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 _ITEMS = ("step", "params", "batch_stats", "opt_state")
+# The config keys that decide the shapes of the train state: a checkpoint that does not fit this run's state
+# was written by a different config only if one of these changed; otherwise it is damaged.
+STATE_KEYS = ("dataset", "num_classes", "model", "head", "model_kwargs", "optimizer", "schedule", "freeze_backbone",
+              "fsdp")
+
+
+class _Damaged(Exception):
+    """A step whose metadata does not describe this run's state although the config did not change."""
+
+
+class ConfigChangedError(ValueError):
+    """The checkpoints were written by a config whose state has other shapes."""
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Silence orbax's and asyncio's log records (tracebacks of a damaged step); bagjax says what happened."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -72,22 +99,27 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.close()
 
-    def restore_latest(self, abstract_state: TrainState) -> TrainState | None:
+    def restore_latest(self, abstract_state: TrainState, changed: list[str] | None = None) -> TrainState | None:
         """The newest readable step restored onto ``abstract_state``'s shardings, or None if there is none.
 
-        A step that fails to restore (e.g. truncated files) is named in a warning and the previous one is tried.
+        ``changed``: the ``STATE_KEYS`` this run's config changed against the workdir's config.json (None: no
+        config.json). A step that fails to restore (e.g. truncated or deleted files), or that does not fit the
+        state although no such key changed, is set aside with a one-line warning and the previous one is tried.
         """
         target = _items(abstract_state)
         for step in reversed(self.all_steps()):
-            self._check_fits(step, target)
             try:
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
+                with quiet_orbax():
+                    self._check_fits(step, target, changed)
+                    restored = self.manager.restore(
+                        step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
+            except ConfigChangedError:
+                raise
             except Exception as e:  # orbax raises many types for damaged files; all mean "not usable"
-                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to an earlier step",
-                                step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-                aside = self._set_aside(step)
-                print(f"warning: checkpoint step {step} is corrupt or incomplete (moved to {aside}), "
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                with quiet_orbax():
+                    aside = self._set_aside(step)
+                print(f"warning: checkpoint step {step} is corrupt or incomplete ({reason}; moved to {aside}), "
                       "falling back to an earlier step", flush=True)
                 continue
             opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
@@ -96,16 +128,21 @@ class Checkpoints:
                               batch_stats=restored["batch_stats"], opt_state=opt_state)
         return None
 
-    def _check_fits(self, step: int, target: dict[str, Any]) -> None:
-        """Raise if a readable step holds a different model (a config change), rather than treat it as corrupt."""
+    def _check_fits(self, step: int, target: dict[str, Any], changed: list[str] | None) -> None:
+        """Raise ConfigChangedError if a step holds another model because the config changed, _Damaged if it does
+        not fit although the config is the same (e.g. a deleted ``_METADATA``)."""
         try:
             metadata = self.manager.item_metadata(step)
             saved = {k: _shapes(getattr(metadata[k], "tree", metadata[k])) for k in ("params", "opt_state")}
         except Exception:  # unreadable metadata: restore will fail and the step is set aside as corrupt
             return
-        if saved != {k: _shapes(target[k]) for k in ("params", "opt_state")}:
-            raise ValueError(f"the checkpoints in {self.directory} were written by a different model or optimizer "
-                             "config than this run's: use a new --workdir, or the config in its config.json")
+        if saved == {k: _shapes(target[k]) for k in ("params", "opt_state")}:
+            return
+        if changed == []:
+            raise _Damaged(f"its metadata does not fit the state of the unchanged {CONFIG_FILE}")
+        what = f" ({', '.join(changed)} changed)" if changed else ""
+        raise ConfigChangedError(f"the checkpoints in {self.directory} were written by a different model or "
+                                 f"optimizer config than this run's{what}: use a new --workdir, or the config in its config.json")
 
     def _set_aside(self, step: int) -> pathlib.Path:
         """Rename an unreadable step to ``corrupt-STEP`` (kept for inspection), so training can save that step again."""
@@ -155,6 +192,17 @@ def read_variables(workdir: str | pathlib.Path, step: int | None = None) -> dict
 def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
     path = pathlib.Path(workdir) / CONFIG_FILE
     path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def changed_keys(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> list[str] | None:
+    """The ``STATE_KEYS`` whose value in ``config`` differs from the workdir's config.json (None: none saved)."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    now = json.loads(config.to_json_best_effort())
+    return [k for k in STATE_KEYS if saved.get(k) != now.get(k)]
 
 
 def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
