@@ -34,6 +34,19 @@ def write_dataset_info(workdir: str | pathlib.Path, class_names: tuple[str, ...]
     (pathlib.Path(workdir) / DATASET_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def read_dataset_info(workdir: str | pathlib.Path) -> dict[str, Any]:
+    """A workdir's ``dataset.json`` (class names and split sizes)."""
+    path = pathlib.Path(workdir) / DATASET_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: rerun train.py with the same config on {workdir}, "
+                                "which writes it again") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): rerun train.py with the same config on {workdir}, "
+                         "which writes it again") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Trained:
     """A trained model ready for ``model.apply(variables, images, train=False)``."""
@@ -51,7 +64,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
         raise FileNotFoundError(f"{workdir} is not a bagjax training workdir (no config.json and checkpoints/): "
                                 "train one with python train.py --config configs/demo.py --workdir DIR")
     config = checkpoints.read_config(workdir)
-    info = json.loads((workdir / DATASET_FILE).read_text())
+    info = read_dataset_info(workdir)
     variables = checkpoints.read_variables(workdir, step)
     model = build_model(config, info["num_classes"])
     return Trained(config, model, variables, tuple(info["class_names"]))

@@ -182,11 +182,18 @@ class Checkpoints:
 
 def read_variables(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
     """``{'params', 'batch_stats'}`` of a workdir's step (default: best, else latest), without touching the workdir."""
-    ckpt = Checkpoints(workdir, read_only=True)
-    try:
-        return ckpt.restore_variables(step)
-    finally:
-        ckpt.close()
+    with quiet_orbax():  # orbax warns that a read-only manager is read-only
+        ckpt = Checkpoints(workdir, read_only=True)
+        try:
+            return ckpt.restore_variables(step)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # orbax raises many types for damaged files
+            raise ValueError(f"the checkpoint in {ckpt.directory} is unreadable ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}): resume training on the workdir with train.py, "
+                             "which sets damaged steps aside") from None
+        finally:
+            ckpt.close()
 
 
 def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -210,7 +217,11 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a bagjax training workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): restore it, or rerun train.py with the same config "
+                         "on the workdir, which writes it again") from None
 
 
 def is_workdir(path: str | pathlib.Path) -> bool:
