@@ -3,9 +3,10 @@
     python -m bagjax.predict --workdir runs/demo IMAGE [IMAGE ...] [--out DIR] [--stride1]
 
 Prints the top-5 classes with probabilities for each image and writes ``<out>/<image stem>_heatmap.png``
-(``<stem>-2_heatmap.png`` for a second image of that stem): the evidence map of the top class. For a BagNet that is its patch logits (Brendel & Bethge 2019, Fig. 2) at native
-stride, or with ``--stride1`` the exact per-pixel map of the reference's ``generate_heatmap_pytorch``; for an
-identity-head model the class's feature channel (Qian 2020, thesis 3.4).
+(``<stem>-2_heatmap.png`` for a second image of that stem): the evidence map of the top class. For a BagNet
+that is its patch logits (Brendel & Bethge 2019, Fig. 2) at native stride, or with ``--stride1`` the exact
+per-pixel map of the reference's ``generate_heatmap_pytorch``; for an identity-head model the class's feature
+channel (Qian 2020, thesis 3.4).
 """
 
 from __future__ import annotations
