@@ -6,9 +6,13 @@ long variant of the kill test (more kills over a longer run).
 """
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
+import signal
+import socket
+import struct
 import subprocess
 import time
 
@@ -86,6 +90,83 @@ def test_corrupt_latest_checkpoint_warns_names_it_and_falls_back_to_the_previous
     assert f"warning: checkpoint step {latest} is corrupt or incomplete" in proc.stdout, proc.stdout[-3000:]
     assert f"resuming from step {latest - 1} " in proc.stdout
     _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
+
+
+@pytest.mark.parametrize("damage", ["metadata_deleted", "every_file_deleted"])
+def test_damaged_newest_checkpoint_is_set_aside_not_taken_for_a_config_change(damage, straight, tmp_path):
+    """A deleted ``_METADATA`` makes the step's metadata disagree with the state; config.json says the config is
+    the same, so the step is damaged: set aside, and the run resumes from the step before."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    latest = checkpoint_steps(workdir)[-1]
+    step_dir = workdir / "checkpoints" / str(latest)
+    for path in [step_dir / "params" / "_METADATA"] if damage == "metadata_deleted" else step_dir.rglob("*"):
+        if path.is_file():
+            path.unlink()
+    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), train_env())
+    assert f"warning: checkpoint step {latest} is corrupt or incomplete" in proc.stdout, proc.stdout[-3000:]
+    assert f"resuming from step {latest - 1} " in proc.stdout
+    assert (workdir / "checkpoints" / f"corrupt-{latest}").is_dir()
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+    _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
+    # A real config change on the same workdir is still refused, and named.
+    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS, "--config.model_kwargs.width=16"), train_env(),
+                   check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "than this run's (model_kwargs changed): use a new --workdir, or the config in its config.json"), proc.stderr
+
+
+def _tensorboard_purges(workdir: pathlib.Path) -> list[int]:
+    """The steps of the SessionLog.START records (TensorBoard drops the events logged past them) in the event files."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset + 12 <= len(data):  # TFRecord: length, crc, payload, crc
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                steps.append(event.step)
+    return steps
+
+
+def test_two_runs_on_one_workdir_the_second_stops_and_a_killed_holder_s_lock_is_taken_over(tmp_path):
+    """Run A holds the lock; run B on the same workdir stops at once naming A. A is SIGKILLed (stale lock, and
+    steps logged past its last checkpoint); run C takes the lock over and no step is logged twice."""
+    workdir, env = tmp_path / "run", train_env()
+    args = ("--config.total_steps=100000", "--config.checkpoint_every_steps=3", "--config.eval_every_steps=100000",
+            "--config.log_every_steps=1", "--config.heatmap_images=0")
+    with (tmp_path / "a.log").open("w") as log:
+        holder = subprocess.Popen(train_cmd("demo.py:smoke", workdir, *args), cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            while len(checkpoint_steps(workdir)) < 2:
+                assert holder.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+                time.sleep(0.05)
+            second = run_cmd(train_cmd("demo.py:smoke", workdir, *args), env, check=False, timeout=120)
+            assert holder.poll() is None
+            time.sleep(1.0)  # some steps past the last checkpoint get logged
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    assert second.returncode != 0
+    assert second.stderr.strip().splitlines() == [
+        f"error: workdir {workdir} is in use by the run with PID {holder.pid} on host {socket.gethostname()} "
+        f"(lock {workdir / '.lock'}): wait for it to finish, stop it, or choose another --workdir"], second.stderr
+    latest = checkpoint_steps(workdir)[-1]
+    logged = [m["step"] for m in read_metrics(workdir)]
+    assert max(logged) > latest, "the killed run logged no step past its last checkpoint: nothing to drop"
+
+    third = run_cmd(train_cmd("demo.py:smoke", workdir, *args[1:], f"--config.total_steps={latest + 2}"), env)
+    assert f"warning: took over the stale lock {workdir / '.lock'} of PID {holder.pid} on this host" in third.stdout
+    assert f"resuming from step {latest} " in third.stdout
+    steps = [m["step"] for m in read_metrics(workdir) if "train_loss" in m]
+    assert steps == list(range(1, latest + 3)), steps  # each step once, the killed run's extra steps dropped
+    assert _tensorboard_purges(workdir) == [latest + 1]
+    assert (workdir / ".lock").read_text() == ""  # released: the next run finds no stale holder
 
 
 NAN_ARGS = ("--config.total_steps=6", "--config.checkpoint_every_steps=1", "--config.eval_every_steps=6",

@@ -37,8 +37,11 @@ def _in_range(config: ml_collections.ConfigDict, key: str, low: float, high: flo
     value = _get(config, key)
     ok = isinstance(value, (int, float)) and math.isfinite(value) and \
         (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        _fail(key, value, f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}", example)
+    if ok:
+        return
+    if high == math.inf:
+        _fail(key, value, f"must be {'>' if low_open else '>='} {low}", example)
+    _fail(key, value, f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}", example)
 
 
 def check_workdir_arg(workdir: str | None) -> None:
