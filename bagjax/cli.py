@@ -7,6 +7,7 @@ command with one line saying so (the training loop installs its own handlers, wh
 
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import sys
@@ -40,16 +41,28 @@ def _raise_interrupted(signum, frame):
 
 
 def catch_interrupts() -> None:
-    """Turn SIGTERM/SIGINT into ``Interrupted`` until the training loop takes them over."""
+    """Turn SIGTERM/SIGINT into ``Interrupted`` until the training loop takes them over; one that is not caught
+    (e.g. while modules import) still ends as one line."""
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, _raise_interrupted)
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if isinstance(value, Interrupted):
+            interrupted_exit(value, hard=True)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
-def interrupted_exit(e: Interrupted) -> None:
+def interrupted_exit(e: Interrupted, hard: bool = False) -> None:
     """One line and the shell's status for a signal (128 + signal number)."""
     name = signal.Signals(e.signum).name
     print(f"error: stopped by {name} outside the training steps (start-up or final evaluation); no checkpoint "
           "was lost: rerun the same command to resume", file=sys.stderr, flush=True)
+    if hard:  # from sys.excepthook, where sys.exit cannot set the status
+        sys.stdout.flush()
+        os._exit(128 + e.signum)
     sys.exit(128 + e.signum)
 
 

@@ -208,7 +208,64 @@ CONFIG_ERRORS = {
     "identity_head_too_many_classes": (("--config.head=identity", "--config.num_classes=300"),
                                        "the identity head needs num_classes <= 256 feature channels, got 300: use "
                                        "--config.head=learned or --config.model_kwargs.identity_expand=True"),
+    "negative_batch_size": (("--config.batch_size=-8",),
+                            "batch_size=-8 must be a positive integer: e.g. --config.batch_size=64"),
+    "empty_eval_split": (("--config.data.eval_split=validation[:0]",),
+                         "the eval split 'validation[:0]' of synthetic:tiny has no readable examples: check the "
+                         "dataset path and --config.data.eval_split"),
 }
+
+BAD_VALUES = {  # override -> the start of its one-line error (bagjax.training.checks)
+    "batch_size=0": "batch_size=0 must be a positive integer",
+    "eval_batch_size=0": "eval_batch_size=0 must be a positive integer",
+    "log_every_steps=0": "log_every_steps=0 must be a positive integer",
+    "checkpoint_every_steps=0": "checkpoint_every_steps=0 must be a positive integer",
+    "seed=-1": "seed=-1 must be a non-negative integer",
+    "num_epochs=-3": "num_epochs=-3.0 must be > 0",
+    "total_steps=0": "total_steps=0 must be a positive number of steps, or -1",
+    "optimizer.learning_rate=-1": "optimizer.learning_rate=-1.0 must be > 0",
+    "optimizer.learning_rate=0": "optimizer.learning_rate=0.0 must be > 0",
+    "data.crop_fraction=1.5": "data.crop_fraction=1.5 must be in (0, 1]",
+    "dtype=float8": "dtype='float8' is not a supported compute dtype",
+    "num_classes=1": "num_classes=1 must be at least 2",
+}
+
+
+@pytest.mark.parametrize("override", sorted(BAD_VALUES))
+def test_every_bad_value_is_refused_by_the_checks_that_run_before_anything_is_written(override):
+    from configs import demo
+
+    from bagjax.training import checks
+
+    config = demo.get_config("smoke")
+    key, value = override.split("=")
+    node, *path = key.split(".")
+    target = config if not path else config[node]
+    leaf = path[0] if path else node
+    target[leaf] = type(target[leaf])(value) if not isinstance(target[leaf], str) else value
+    if key == "num_epochs":  # num_epochs counts only without total_steps
+        config.total_steps = -1
+    with pytest.raises(ValueError) as error:
+        checks.check_values(config)
+    assert str(error.value).startswith(BAD_VALUES[override]), str(error.value)
+    assert "\n" not in str(error.value) and ": e.g. --config." in str(error.value)
+    checks.check_values(demo.get_config("smoke"))  # the shipped values pass
+
+
+def test_an_empty_workdir_flag_is_refused():
+    from bagjax.training import checks
+
+    for workdir in ("", "  "):
+        with pytest.raises(ValueError, match="--workdir is empty"):
+            checks.check_workdir_arg(workdir)
+
+
+def test_a_nonfinite_eval_loss_stops_the_run_without_saving(tmp_path):
+    from bagjax.training.loop import NonFiniteLossError, check_finite_eval
+
+    check_finite_eval({"eval_loss": 1.2}, 4, tmp_path)
+    with pytest.raises(NonFiniteLossError, match="non-finite eval loss at step 4: stopped without saving it"):
+        check_finite_eval({"eval_loss": float("nan")}, 4, tmp_path)
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
