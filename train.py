@@ -4,6 +4,7 @@ The config is locked, so a misspelt ``--config.KEY`` is an error, not a silently
 same command on the same workdir resumes from its latest checkpoint.
 """
 
+import logging as pylogging
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bagjax.data import DatasetUnavailableError  # noqa: E402
+from bagjax.training.checkpoints import DiskFullError  # noqa: E402
 from bagjax.training.lock import WorkdirLockedError  # noqa: E402
 from bagjax.training.loop import NonFiniteLossError  # noqa: E402
 
@@ -35,6 +37,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # orbax's background threads log every failed write with a traceback; the error itself reaches run()
+    pylogging.getLogger("absl").setLevel(pylogging.CRITICAL)
     from bagjax.training.loop import train_and_evaluate
 
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -67,6 +71,9 @@ def run():
         except USER_ERRORS as e:
             if os.environ.get("BAGJAX_TRACEBACK") == "1":
                 raise
+            if "No space left on device" in str(e) and not isinstance(e, DiskFullError):  # a write failed half way
+                sys.exit(f"error: disk full while writing a checkpoint in {FLAGS.workdir}: the earlier checkpoints "
+                         "are intact (a half-written one is never resumed from); free space and rerun the same command")
             sys.exit(f"error: {' '.join(str(e).split())}")
     except cli.Interrupted as e:
         cli.interrupted_exit(e)

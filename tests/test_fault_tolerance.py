@@ -291,3 +291,44 @@ def test_unwritable_workdir_is_one_line_before_compiling(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].endswith(
         f"workdir {workdir} is not writable (Not a directory): choose another --workdir"), proc.stderr[-3000:]
     assert not cache.exists() or not any(cache.iterdir()), "something was compiled before the config check"
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_orbax_writes_anything(tmp_path):
+    """The real free space of tmp_path against a state larger than it (a broadcast array: no memory used)."""
+    from bagjax.training.checkpoints import Checkpoints, DiskFullError
+    from bagjax.training.state import TrainState
+
+    free = shutil.disk_usage(tmp_path).free
+    huge = np.broadcast_to(np.zeros((), np.float32), (free // 4 + 1,))
+    state = TrainState(step=np.int32(7), params={"w": huge}, batch_stats={}, opt_state=())
+    ckpt = Checkpoints(tmp_path)
+    try:
+        with pytest.raises(DiskFullError, match=r"^disk full: .* MiB free in .* but the checkpoint of step 7 needs "
+                                                r"about .* MiB; nothing was written and no checkpoint are intact"):
+            ckpt.save(state)
+    finally:
+        ckpt.close()
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_disk_full_during_training_is_one_line_and_keeps_the_saved_checkpoints(tmp_path):
+    """On a real 3 MiB tmpfs (needs root; skipped elsewhere) the run stops at the first checkpoint that does not
+    fit, with one line and no orbax or asyncio tracebacks."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        workdir = mount / "run"
+        args = ("--config.total_steps=50", "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=50",
+                "--config.eval_every_steps=50", "--config.heatmap_images=0")
+        proc = run_cmd(train_cmd("demo.py:smoke", workdir, *args), train_env(), check=False)
+        assert proc.returncode == 1
+        lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("train:")]
+        assert len(lines) == 1 and lines[0].startswith("error: disk full: "), proc.stderr[-3000:]
+        steps = checkpoint_steps(workdir)
+        assert steps and f"the checkpoints up to step {steps[-1]} are intact" in lines[0]
+        restore_params(workdir, steps[-1])
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

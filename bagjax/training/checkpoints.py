@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -37,6 +38,10 @@ class _Damaged(Exception):
 
 class ConfigChangedError(ValueError):
     """The checkpoints were written by a config whose state has other shapes."""
+
+
+class DiskFullError(OSError):
+    """Not enough free space for the next checkpoint; nothing was written."""
 
 
 @contextlib.contextmanager
@@ -90,8 +95,26 @@ class Checkpoints:
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():  # e.g. a preemption right after a periodic save: already on disk
             return False
+        self._check_space(state, step)
         items = {k: ocp.args.StandardSave(v) for k, v in _items(state).items()}
         return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    def _check_space(self, state: TrainState, step: int) -> None:
+        """Refuse a save the disk cannot hold before orbax starts it: a write that fails half way floods stderr
+        with tracebacks from orbax's background threads. Process 0 decides for all."""
+        need = int(sum(leaf.nbytes for leaf in jax.tree.leaves(state)) * 1.2) + (1 << 20)  # + metadata
+        free = shutil.disk_usage(self.directory).free
+        short = jax.process_index() == 0 and free < need
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            short = bool(multihost_utils.broadcast_one_to_all(np.array(short)))
+        if short:
+            kept = self.all_steps()
+            raise DiskFullError(f"disk full: {free / 2**20:.1f} MiB free in {self.directory} but the checkpoint of "
+                                f"step {step} needs about {need / 2**20:.1f} MiB; nothing was written and "
+                                f"{'the checkpoints up to step ' + str(kept[-1]) if kept else 'no checkpoint'} "
+                                "are intact: free space (or lower keep_checkpoints) and rerun the same command")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
