@@ -38,7 +38,8 @@ def test_a_missing_config_file_and_an_empty_workdir_are_one_line_errors(tmp_path
     proc = run_train("nope.py", tmp_path, check=False)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot load --config {ROOT / 'configs' / 'nope.py'} "), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot load --config {ROOT / 'configs' / 'nope.py'} "), lines
     assert "use one of configs/anchornet_demo.py," in lines[0] and "configs/demo.py" in lines[0]
     proc = run_train("demo.py:smoke", "", check=False)
     assert proc.returncode != 0

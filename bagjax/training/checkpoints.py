@@ -165,7 +165,8 @@ class Checkpoints:
             raise _Damaged(f"its metadata does not fit the state of the unchanged {CONFIG_FILE}")
         what = f" ({', '.join(changed)} changed)" if changed else ""
         raise ConfigChangedError(f"the checkpoints in {self.directory} were written by a different model or "
-                                 f"optimizer config than this run's{what}: use a new --workdir, or the config in its config.json")
+                                 f"optimizer config than this run's{what}: use a new --workdir, or the config in its "
+                                 "config.json")
 
     def _set_aside(self, step: int) -> pathlib.Path:
         """Rename an unreadable step to ``corrupt-STEP`` (kept for inspection), so training can save that step again."""
