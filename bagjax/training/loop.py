@@ -263,7 +263,9 @@ def evaluate(p_eval_step, state: TrainState, config: ml_collections.ConfigDict, 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and return the final eval metrics.
 
-    A run stopped by SIGTERM returns the metrics it has with ``preempted=True`` after checkpointing.
+    A run stopped by SIGTERM or SIGINT returns the metrics it has with ``preempted=True`` and ``signal`` after
+    checkpointing. Every config value is checked, then the workdir is locked (bagjax.training.lock), before
+    anything is written or compiled.
     """
     checks.check_workdir_arg(workdir)
     checks.check_values(config)
