@@ -39,12 +39,19 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradients stopped being finite."""
 
 
-def check_finite_eval(eval_metrics: dict[str, float], step: int, directory: pathlib.Path) -> None:
-    """The NaN guard of eval: a model whose eval loss is not finite is reported, not saved."""
-    if not math.isfinite(eval_metrics["eval_loss"]):
+def check_finite_eval(eval_metrics: dict[str, float], step: int, directory: pathlib.Path,
+                      skip_nonfinite: bool = False) -> None:
+    """The NaN guard of eval: a model whose eval loss is not finite is reported, not saved (with
+    ``skip_nonfinite_updates`` the run goes on, with a warning)."""
+    if math.isfinite(eval_metrics["eval_loss"]):
+        return
+    if skip_nonfinite:
+        print(f"warning: non-finite eval loss at step {step} (skip_nonfinite_updates=True: going on)", flush=True)
+    else:
         raise NonFiniteLossError(
             f"non-finite eval loss at step {step}: stopped without saving it; the last good checkpoint is kept in "
-            f"{directory}. Lower optimizer.learning_rate or set optimizer.grad_clip_norm")
+            f"{directory}. Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or set "
+            "skip_nonfinite_updates=True")
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -373,7 +380,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
             if step % eval_every == 0 or step == total_steps:
                 check_finite()
                 eval_metrics = evaluate(p_eval_step, state, config, mesh)
-                check_finite_eval(eval_metrics, step, ckpt.directory)
+                check_finite_eval(eval_metrics, step, ckpt.directory, config.skip_nonfinite_updates)
                 writer.write(step, eval_metrics)
                 ckpt.save(state, {"eval_accuracy": eval_metrics["eval_accuracy"]}, force=True)
             elif step % config.checkpoint_every_steps == 0:
