@@ -93,23 +93,25 @@ def test_corrupt_latest_checkpoint_warns_names_it_and_falls_back_to_the_previous
     _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
 
 
-@pytest.mark.parametrize("damage", ["metadata_deleted", "every_file_deleted"])
-def test_damaged_newest_checkpoint_is_set_aside_not_taken_for_a_config_change(damage, straight, tmp_path):
-    """A deleted ``_METADATA`` makes the step's metadata disagree with the state; config.json says the config is
-    the same, so the step is damaged: set aside, and the run resumes from the step before."""
+def test_damaged_newest_checkpoint_is_set_aside_not_taken_for_a_config_change(straight, tmp_path):
+    """The newest step loses its params ``_METADATA`` (then, in a second round, every file). Its metadata disagree
+    with the state, but config.json says the config is the same: the step is damaged, set aside, and the run
+    resumes from the step before."""
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
-    latest = checkpoint_steps(workdir)[-1]
-    step_dir = workdir / "checkpoints" / str(latest)
-    for path in [step_dir / "params" / "_METADATA"] if damage == "metadata_deleted" else step_dir.rglob("*"):
-        if path.is_file():
-            path.unlink()
-    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), train_env())
-    assert f"warning: checkpoint step {latest} is corrupt or incomplete" in proc.stdout, proc.stdout[-3000:]
-    assert f"resuming from step {latest - 1} " in proc.stdout
-    assert (workdir / "checkpoints" / f"corrupt-{latest}").is_dir()
-    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
-    _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
+    for damage in ("metadata_deleted", "every_file_deleted"):
+        latest = checkpoint_steps(workdir)[-1]
+        step_dir = workdir / "checkpoints" / str(latest)
+        for path in [step_dir / "params" / "_METADATA"] if damage == "metadata_deleted" else step_dir.rglob("*"):
+            if path.is_file():
+                path.unlink()
+        proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), train_env())
+        assert f"warning: checkpoint step {latest} is corrupt or incomplete" in proc.stdout, proc.stdout[-3000:]
+        assert f"resuming from step {latest - 1} " in proc.stdout
+        assert (workdir / "checkpoints" / f"corrupt-{latest}" if damage == "metadata_deleted"
+                else workdir / "checkpoints" / f"corrupt-{latest}-1").is_dir()
+        assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+        _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
     # A real config change on the same workdir is still refused, and named.
     proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS, "--config.model_kwargs.width=16"), train_env(),
                    check=False)
