@@ -12,9 +12,16 @@ from PIL import Image
 from trainutil import ROOT, run_train, train_env
 
 
-def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(tmp_path):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("trained") / "run"
     run_train("demo.py:smoke", workdir, "--config.heatmap_images=0")
+    return workdir
+
+
+def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
     rng = np.random.default_rng(0)
     image = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 255, (60, 50, 3), dtype=np.uint8)).save(image)
@@ -63,9 +70,8 @@ def _predict_error(capsys, *argv: str) -> str:
     return str(exit_info.value.code)
 
 
-def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(tmp_path, capsys):
-    workdir = tmp_path / "run"
-    run_train("demo.py:smoke", workdir, "--config.heatmap_images=0", "--config.total_steps=1")
+def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(trained, tmp_path, capsys):
+    workdir = trained
     image = tmp_path / "photo.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
     broken = tmp_path / "broken.jpg"
