@@ -4,19 +4,27 @@ The config is locked, so a misspelt ``--config.KEY`` is an error, not a silently
 same command on the same workdir resumes from its latest checkpoint.
 """
 
+import logging as pylogging
 import os
+import signal
 import sys
 
+from bagjax import cli
+
+cli.catch_interrupts()  # a SIGTERM/SIGINT while JAX imports says what happened, in one line
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bagjax.data import DatasetUnavailableError  # noqa: E402
+from bagjax.training.checkpoints import DiskFullError  # noqa: E402
+from bagjax.training.lock import WorkdirLockedError  # noqa: E402
 from bagjax.training.loop import NonFiniteLossError  # noqa: E402
 
 # Errors that mean "the user must change something"; they print as one line (see run()).
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossError, DatasetUnavailableError)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossError, DatasetUnavailableError,
+               WorkdirLockedError, OSError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :ARG (e.g. :smoke).",
@@ -29,16 +37,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # orbax's background threads log every failed write with a traceback; the error itself reaches run()
+    pylogging.getLogger("absl").setLevel(pylogging.CRITICAL)
     from bagjax.training.loop import train_and_evaluate
 
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if result.get("signal") == signal.SIGINT:  # Ctrl-C: checkpointed, and the shell sees an interrupt
+        sys.exit(128 + signal.SIGINT)
 
 
-def _config_arg(message: str) -> str:
-    """The --config.KEY=VALUE argument an error message is about (or all of them)."""
-    args = [a for a in sys.argv[1:] if a.startswith("--config.")]
-    named = [a for a in args if a.split("=", 1)[0].rsplit(".", 1)[-1] in message]
-    return " ".join(named or args)
+HELP_FLAGS = (("--config=configs/NAME.py[:smoke]", "the config (required)"),
+              ("--workdir=DIR", "checkpoints, config.json, metrics, figures; rerun to resume (required)"),
+              ("--config.KEY=VALUE", "override any config key"))
 
 
 def run():
@@ -46,21 +56,27 @@ def run():
 
     ``BAGJAX_TRACEBACK=1`` shows the traceback of such errors too.
     """
+    if cli.wants_help(sys.argv):
+        print(cli.help_text("python train.py --config configs/NAME.py[:smoke] --workdir DIR [--config.KEY=VALUE ...]",
+                            "Train a model; rerunning the same command on the same workdir resumes it.", HELP_FLAGS))
+        return
     try:
-        FLAGS(sys.argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        text = str(e).strip()
-        message = text.splitlines()[-1] if "Traceback" in text else " ".join(text.split())  # config file raised
-        if isinstance(e, (KeyError, AttributeError)):
-            key = message.strip("\"'")
-            message = f"{_config_arg(key)}: no such config key ({key}); the valid keys are in the config file"
-        sys.exit(f"error: {message}")
-    try:
-        app.run(main, argv=[sys.argv[0]])
-    except USER_ERRORS as e:
-        if os.environ.get("BAGJAX_TRACEBACK") == "1":
-            raise
-        sys.exit(f"error: {e}")
+        try:
+            FLAGS(sys.argv)
+            FLAGS.config.to_dict()  # a config file that failed to load raises here, not in the middle of training
+        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+            sys.exit(f"error: {cli.flag_error(e, sys.argv)}")
+        try:
+            app.run(main, argv=[sys.argv[0]])
+        except USER_ERRORS as e:
+            if os.environ.get("BAGJAX_TRACEBACK") == "1":
+                raise
+            if "No space left on device" in str(e) and not isinstance(e, DiskFullError):  # a write failed half way
+                sys.exit(f"error: disk full while writing a checkpoint in {FLAGS.workdir}: the earlier checkpoints "
+                         "are intact (a half-written one is never resumed from); free space and rerun the same command")
+            sys.exit(f"error: {' '.join(str(e).split())}")
+    except cli.Interrupted as e:
+        cli.interrupted_exit(e)
 
 
 if __name__ == "__main__":

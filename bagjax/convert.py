@@ -189,9 +189,14 @@ def load_torch_file(path: str | os.PathLike) -> Mapping[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no such weights file: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickles of whole models or optimizer objects are not plain state_dicts
-        raise ValueError(f"{path} is not a plain state_dict file readable with weights_only=True ({e})") from e
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # random bytes, pickles of whole models or optimizer objects
+        raise ValueError(f"{path} is not a PyTorch state_dict (torch.load with weights_only=True cannot read it: "
+                         f"{type(e).__name__}): give the .pth/.pth.tar file of the official weights") from None
+    if not isinstance(loaded, Mapping) or not all(isinstance(k, str) for k in loaded):
+        raise ValueError(f"{path} is not a PyTorch state_dict (it holds a {type(loaded).__name__}, not a dict of "
+                         "named tensors): give the .pth/.pth.tar file of the official weights")
+    return loaded
 
 
 def num_parameters(variables: Mapping[str, Any]) -> int:

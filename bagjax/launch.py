@@ -69,12 +69,13 @@ def _exit_status(returncode: int) -> int:
 
 
 def _kill(procs: Sequence[subprocess.Popen], sig: int) -> None:
+    """Signal the process group of every rank, also of a rank that exited: its children may live on
+    (holding its output pipe open, which the launcher would otherwise wait on forever)."""
     for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):  # the whole group is gone
+            pass
 
 
 def launch(command: Sequence[str], *, processes: int, devices_per_process: int, port: int = 0,
@@ -122,6 +123,7 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int, 
             time.sleep(_POLL_SECONDS)
         for p in procs:
             p.wait()
+        _kill(procs, signal.SIGKILL)  # children a rank left behind would keep its output pipe open
         for t in pumps:
             t.join()
         if status == 0:

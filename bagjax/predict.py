@@ -2,10 +2,11 @@
 
     python -m bagjax.predict --workdir runs/demo IMAGE [IMAGE ...] [--out DIR] [--stride1]
 
-Prints the top-5 classes with probabilities for each image and writes ``<out>/<image stem>_heatmap.png``: the
-evidence map of the top class. For a BagNet that is its patch logits (Brendel & Bethge 2019, Fig. 2) at native
-stride, or with ``--stride1`` the exact per-pixel map of the reference's ``generate_heatmap_pytorch``; for an
-identity-head model the class's feature channel (Qian 2020, thesis 3.4).
+Prints the top-5 classes with probabilities for each image and writes ``<out>/<image stem>_heatmap.png``
+(``<stem>-2_heatmap.png`` for a second image of that stem): the evidence map of the top class. For a BagNet
+that is its patch logits (Brendel & Bethge 2019, Fig. 2) at native stride, or with ``--stride1`` the exact
+per-pixel map of the reference's ``generate_heatmap_pytorch``; for an identity-head model the class's feature
+channel (Qian 2020, thesis 3.4).
 """
 
 from __future__ import annotations
@@ -51,13 +52,23 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
     """Top-5 (class name, probability) per image; writes one heatmap PNG per image into ``out``."""
     trained = load_trained(workdir)
     out_dir = pathlib.Path(out or pathlib.Path(workdir) / "predictions")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file: give a directory for the heatmaps")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write heatmaps to {out_dir} ({e.strerror}): pass --out DIR, a writable "
+                              "directory") from None
     apply = jax.jit(lambda v, x: trained.model.apply(v, x, train=False))
     results = []
+    stems: dict[str, int] = {}
     for path in images:
         try:
             image = preprocess(path, trained.config)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             print(f"{path}: skipped ({e})", file=sys.stderr)
             continue
         outputs = apply(trained.variables, image[None])
@@ -74,7 +85,9 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
             print(f"  {p:7.2%}  {name}")
         heatmap = evidence_map(trained, image, int(top[0]), stride1)
         if heatmap is not None:
-            target = out_dir / f"{pathlib.Path(path).stem}_heatmap.png"
+            stem = pathlib.Path(path).stem
+            stems[stem] = stems.get(stem, 0) + 1  # a.png and other/a.png: a_heatmap.png and a-2_heatmap.png
+            target = out_dir / f"{stem}{'' if stems[stem] == 1 else f'-{stems[stem]}'}_heatmap.png"
             interpret.save_heatmap_figure(target, image[None], heatmap[None], [f"evidence for {ranked[0][0]}"])
             print(f"  heatmap: {target}")
     return results
@@ -88,9 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     args = parser.parse_args(argv)
     try:
-        predict(args.workdir, args.images, args.out, args.stride1)
-    except FileNotFoundError as e:
+        results = predict(args.workdir, args.images, args.out, args.stride1)
+    except (OSError, ValueError) as e:  # missing or damaged workdir files, an unwritable --out
         sys.exit(f"error: {e}")
+    if not results:
+        sys.exit(f"error: none of the {len(args.images)} image(s) could be read (see above)")
 
 
 if __name__ == "__main__":

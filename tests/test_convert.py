@@ -159,6 +159,20 @@ def test_cli_reports_errors_in_one_line(tmp_path: pathlib.Path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("content", ["random_bytes", "bare_tensor"])
+def test_a_file_that_is_not_a_state_dict_says_so_in_one_line(content: str, tmp_path: pathlib.Path, capsys):
+    weights = tmp_path / "w.pth"
+    if content == "random_bytes":
+        weights.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        torch.save(torch.zeros(3, 3), weights)
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["--model", "bagnet9", "--torch-weights", str(weights), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"error: {weights} is not a PyTorch state_dict" in err, err
+
+
 def test_write_refuses_to_overwrite_and_read_rejects_other_dirs(tmp_path: pathlib.Path):
     variables = {"params": {"head": {"kernel": np.ones((4, 2), np.float32), "bias": np.zeros(2, np.float32)}},
                  "batch_stats": {"bn1": {"mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)}}}

@@ -6,9 +6,13 @@ long variant of the kill test (more kills over a longer run).
 """
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
+import signal
+import socket
+import struct
 import subprocess
 import time
 
@@ -85,7 +89,87 @@ def test_corrupt_latest_checkpoint_warns_names_it_and_falls_back_to_the_previous
     proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), train_env())
     assert f"warning: checkpoint step {latest} is corrupt or incomplete" in proc.stdout, proc.stdout[-3000:]
     assert f"resuming from step {latest - 1} " in proc.stdout
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
     _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
+
+
+def test_damaged_newest_checkpoint_is_set_aside_not_taken_for_a_config_change(straight, tmp_path):
+    """The newest step loses its params ``_METADATA`` (then, in a second round, every file). Its metadata disagree
+    with the state, but config.json says the config is the same: the step is damaged, set aside, and the run
+    resumes from the step before."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    for damage in ("metadata_deleted", "every_file_deleted"):
+        latest = checkpoint_steps(workdir)[-1]
+        step_dir = workdir / "checkpoints" / str(latest)
+        for path in [step_dir / "params" / "_METADATA"] if damage == "metadata_deleted" else step_dir.rglob("*"):
+            if path.is_file():
+                path.unlink()
+        proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS), train_env())
+        assert f"warning: checkpoint step {latest} is corrupt or incomplete" in proc.stdout, proc.stdout[-3000:]
+        assert f"resuming from step {latest - 1} " in proc.stdout
+        assert (workdir / "checkpoints" / f"corrupt-{latest}" if damage == "metadata_deleted"
+                else workdir / "checkpoints" / f"corrupt-{latest}-1").is_dir()
+        assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+        _assert_same_params(restore_params(straight, STEPS), restore_params(workdir, STEPS))
+    # A real config change on the same workdir is still refused, and named.
+    proc = run_cmd(train_cmd("demo.py:smoke", workdir, *ARGS, "--config.model_kwargs.width=16"), train_env(),
+                   check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "than this run's (model_kwargs changed): use a new --workdir, or the config in its config.json"), proc.stderr
+
+
+def _tensorboard_purges(workdir: pathlib.Path) -> list[int]:
+    """The steps of the SessionLog.START records (TensorBoard drops the events logged past them) in the event files."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset + 12 <= len(data):  # TFRecord: length, crc, payload, crc
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                steps.append(event.step)
+    return steps
+
+
+def test_two_runs_on_one_workdir_the_second_stops_and_a_killed_holder_s_lock_is_taken_over(tmp_path):
+    """Run A holds the lock; run B on the same workdir stops at once naming A. A is SIGKILLed (stale lock, and
+    steps logged past its last checkpoint); run C takes the lock over and no step is logged twice."""
+    workdir, env = tmp_path / "run", train_env()
+    args = ("--config.total_steps=100000", "--config.checkpoint_every_steps=3", "--config.eval_every_steps=100000",
+            "--config.log_every_steps=1", "--config.heatmap_images=0")
+    with (tmp_path / "a.log").open("w") as log:
+        holder = subprocess.Popen(train_cmd("demo.py:smoke", workdir, *args), cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            while len(checkpoint_steps(workdir)) < 2:
+                assert holder.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+                time.sleep(0.05)
+            second = run_cmd(train_cmd("demo.py:smoke", workdir, *args), env, check=False, timeout=120)
+            assert holder.poll() is None
+            time.sleep(1.0)  # some steps past the last checkpoint get logged
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    assert second.returncode != 0
+    assert second.stderr.strip().splitlines() == [
+        f"error: workdir {workdir} is in use by the run with PID {holder.pid} on host {socket.gethostname()} "
+        f"(lock {workdir / '.lock'}): wait for it to finish, stop it, or choose another --workdir"], second.stderr
+    latest = checkpoint_steps(workdir)[-1]
+    logged = [m["step"] for m in read_metrics(workdir)]
+    assert max(logged) > latest, "the killed run logged no step past its last checkpoint: nothing to drop"
+
+    third = run_cmd(train_cmd("demo.py:smoke", workdir, *args[1:], f"--config.total_steps={latest + 2}"), env)
+    assert f"warning: took over the stale lock {workdir / '.lock'} of PID {holder.pid} on this host" in third.stdout
+    assert f"resuming from step {latest} " in third.stdout
+    steps = [m["step"] for m in read_metrics(workdir) if "train_loss" in m]
+    assert steps == list(range(1, latest + 3)), steps  # each step once, the killed run's extra steps dropped
+    assert _tensorboard_purges(workdir) == [latest + 1]
+    assert (workdir / ".lock").read_text() == ""  # released: the next run finds no stale holder
 
 
 NAN_ARGS = ("--config.total_steps=6", "--config.checkpoint_every_steps=1", "--config.eval_every_steps=6",
@@ -127,7 +211,65 @@ CONFIG_ERRORS = {
     "identity_head_too_many_classes": (("--config.head=identity", "--config.num_classes=300"),
                                        "the identity head needs num_classes <= 256 feature channels, got 300: use "
                                        "--config.head=learned or --config.model_kwargs.identity_expand=True"),
+    "negative_batch_size": (("--config.batch_size=-8",),
+                            "batch_size=-8 must be a positive integer: e.g. --config.batch_size=64"),
+    "empty_eval_split": (("--config.data.eval_split=validation[:0]",),
+                         "the eval split 'validation[:0]' of synthetic:tiny has no readable examples: check the "
+                         "dataset path and --config.data.eval_split"),
 }
+
+BAD_VALUES = {  # override -> the start of its one-line error (bagjax.training.checks)
+    "batch_size=0": "batch_size=0 must be a positive integer",
+    "eval_batch_size=0": "eval_batch_size=0 must be a positive integer",
+    "log_every_steps=0": "log_every_steps=0 must be a positive integer",
+    "checkpoint_every_steps=0": "checkpoint_every_steps=0 must be a positive integer",
+    "seed=-1": "seed=-1 must be a non-negative integer",
+    "num_epochs=-3": "num_epochs=-3.0 must be > 0",
+    "total_steps=0": "total_steps=0 must be a positive number of steps, or -1",
+    "optimizer.learning_rate=-1": "optimizer.learning_rate=-1.0 must be > 0",
+    "optimizer.learning_rate=0": "optimizer.learning_rate=0.0 must be > 0",
+    "data.crop_fraction=1.5": "data.crop_fraction=1.5 must be in (0, 1]",
+    "dtype=float8": "dtype='float8' is not a supported compute dtype",
+    "num_classes=1": "num_classes=1 must be at least 2",
+}
+
+
+@pytest.mark.parametrize("override", sorted(BAD_VALUES))
+def test_every_bad_value_is_refused_by_the_checks_that_run_before_anything_is_written(override):
+    from configs import demo
+
+    from bagjax.training import checks
+
+    config = demo.get_config("smoke")
+    key, value = override.split("=")
+    node, *path = key.split(".")
+    target = config if not path else config[node]
+    leaf = path[0] if path else node
+    target[leaf] = type(target[leaf])(value) if not isinstance(target[leaf], str) else value
+    if key == "num_epochs":  # num_epochs counts only without total_steps
+        config.total_steps = -1
+    with pytest.raises(ValueError) as error:
+        checks.check_values(config)
+    assert str(error.value).startswith(BAD_VALUES[override]), str(error.value)
+    assert "\n" not in str(error.value) and ": e.g. --config." in str(error.value)
+    checks.check_values(demo.get_config("smoke"))  # the shipped values pass
+
+
+def test_an_empty_workdir_flag_is_refused():
+    from bagjax.training import checks
+
+    for workdir in ("", "  "):
+        with pytest.raises(ValueError, match="--workdir is empty"):
+            checks.check_workdir_arg(workdir)
+
+
+def test_a_nonfinite_eval_loss_stops_the_run_without_saving(tmp_path):
+    from bagjax.training.loop import NonFiniteLossError, check_finite_eval
+
+    check_finite_eval({"eval_loss": 1.2}, 4, tmp_path)
+    with pytest.raises(NonFiniteLossError, match="non-finite eval loss at step 4: stopped without saving it"):
+        check_finite_eval({"eval_loss": float("nan")}, 4, tmp_path)
+    check_finite_eval({"eval_loss": float("nan")}, 4, tmp_path, skip_nonfinite=True)  # asked to go on: a warning
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
@@ -153,3 +295,44 @@ def test_unwritable_workdir_is_one_line_before_compiling(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].endswith(
         f"workdir {workdir} is not writable (Not a directory): choose another --workdir"), proc.stderr[-3000:]
     assert not cache.exists() or not any(cache.iterdir()), "something was compiled before the config check"
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_orbax_writes_anything(tmp_path):
+    """The real free space of tmp_path against a state larger than it (a broadcast array: no memory used)."""
+    from bagjax.training.checkpoints import Checkpoints, DiskFullError
+    from bagjax.training.state import TrainState
+
+    free = shutil.disk_usage(tmp_path).free
+    huge = np.broadcast_to(np.zeros((), np.float32), (free // 4 + 1,))
+    state = TrainState(step=np.int32(7), params={"w": huge}, batch_stats={}, opt_state=())
+    ckpt = Checkpoints(tmp_path)
+    try:
+        with pytest.raises(DiskFullError, match=r"^disk full: .* MiB free in .* but the checkpoint of step 7 needs "
+                                                r"about .* MiB; nothing was written and no checkpoint are intact"):
+            ckpt.save(state)
+    finally:
+        ckpt.close()
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_disk_full_during_training_is_one_line_and_keeps_the_saved_checkpoints(tmp_path):
+    """On a real 3 MiB tmpfs (needs root; skipped elsewhere) the run stops at the first checkpoint that does not
+    fit, with one line and no orbax or asyncio tracebacks."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        workdir = mount / "run"
+        args = ("--config.total_steps=50", "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=50",
+                "--config.eval_every_steps=50", "--config.heatmap_images=0")
+        proc = run_cmd(train_cmd("demo.py:smoke", workdir, *args), train_env(), check=False)
+        assert proc.returncode == 1
+        lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("train:")]
+        assert len(lines) == 1 and lines[0].startswith("error: disk full: "), proc.stderr[-3000:]
+        steps = checkpoint_steps(workdir)
+        assert steps and f"the checkpoints up to step {steps[-1]} are intact" in lines[0]
+        restore_params(workdir, steps[-1])
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -63,6 +63,17 @@ def test_a_failing_process_kills_the_others_and_its_status_is_returned():
     assert "launch: process 1 exited with status 3; killing the other processes" in proc.stdout
 
 
+def test_a_dead_rank_s_orphaned_child_is_killed_not_waited_on():
+    """Rank 1 starts a child that keeps its output pipe open and dies: its whole process group is killed."""
+    script = ("import os, subprocess, sys, time; r = int(os.environ['JAX_PROCESS_ID'])\n"
+              "if r == 1: subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); sys.exit(4)\n"
+              "time.sleep(300)")
+    start = time.time()
+    proc = _launch_script(script)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert time.time() - start < 60
+
+
 @pytest.fixture(scope="module")
 def one_by_four(tmp_path_factory):
     """1 process x 4 devices, replicated parameters."""

@@ -1,18 +1,28 @@
 """python -m bagjax.predict on image files, with a workdir trained by train.py (smoke config)."""
 
+import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import figutil
 from trainutil import ROOT, run_train, train_env
 
 
-def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(tmp_path):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("trained") / "run"
     run_train("demo.py:smoke", workdir, "--config.heatmap_images=0")
+    return workdir
+
+
+def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
     rng = np.random.default_rng(0)
     image = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 255, (60, 50, 3), dtype=np.uint8)).save(image)
@@ -20,11 +30,17 @@ def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(tmp_path):
     Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), mode="L").save(gray)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
+    (tmp_path / "other").mkdir()
+    same_stem = tmp_path / "other" / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (60, 50, 3), dtype=np.uint8)).save(same_stem)
 
     proc = subprocess.run([sys.executable, "-m", "bagjax.predict", "--workdir", str(workdir), "--stride1",
-                           str(image), str(gray), str(broken)],
+                           str(image), str(gray), str(broken), str(same_stem)],
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "read only" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr  # orbax's read-only notes
+    assert (workdir / "predictions" / "photo-2_heatmap.png").is_file()  # the same stem does not overwrite
+    assert f"heatmap: {workdir / 'predictions' / 'photo-2_heatmap.png'}" in proc.stdout
     lines = proc.stdout.splitlines()
     for name in ("photo", "gray"):
         start = lines.index(f"{tmp_path / name}.{'png' if name == 'photo' else 'jpg'}:")
@@ -41,3 +57,45 @@ def test_predict_on_a_directory_that_is_not_a_workdir_is_one_line(tmp_path):
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "not a bagjax training workdir" in proc.stderr
+
+
+def _predict_error(capsys, *argv: str) -> str:
+    from bagjax import predict
+
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(list(argv))
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert str(exit_info.value.code).startswith("error: "), exit_info.value.code
+    assert "Traceback" not in err
+    return str(exit_info.value.code)
+
+
+def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(trained, tmp_path, capsys):
+    workdir = trained
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+
+    assert _predict_error(capsys, "--workdir", str(workdir), str(broken)) == \
+        "error: none of the 1 image(s) could be read (see above)"
+    assert _predict_error(capsys, "--workdir", str(workdir), "--out", str(image), str(image)) == \
+        f"error: --out {image} is a file: give a directory for the heatmaps"
+    if os.geteuid() != 0:  # root writes into read-only directories
+        readonly = tmp_path / "readonly"
+        readonly.mkdir(mode=0o555)
+        assert "cannot write heatmaps to" in _predict_error(capsys, "--workdir", str(workdir), "--out",
+                                                             str(readonly / "x"), str(image))
+
+    damaged = {"broken_config": lambda w: (w / "config.json").write_text("{broken"),
+               "no_dataset_json": lambda w: (w / "dataset.json").unlink(),
+               "corrupt_checkpoint": lambda w: [os.truncate(p, 10) for p in (w / "checkpoints").rglob("*")
+                                                if p.is_file()]}
+    expected = {"broken_config": "config.json is not valid JSON", "no_dataset_json": "dataset.json is missing",
+                "corrupt_checkpoint": "is unreadable"}
+    for name, damage in damaged.items():
+        copy = tmp_path / name
+        shutil.copytree(workdir, copy)
+        damage(copy)
+        assert expected[name] in _predict_error(capsys, "--workdir", str(copy), str(image)), name

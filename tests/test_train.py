@@ -1,8 +1,10 @@
 """train.py end to end: every config's smoke run, image folders, a bad config key, SIGTERM, 4 devices."""
 
+import importlib
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -25,10 +27,45 @@ def test_every_config_runs_its_smoke_variant(config, tmp_path):
 
 
 def test_unknown_config_key_is_a_one_line_error(tmp_path):
-    proc = run_train("demo.py:smoke", tmp_path, "--config.learning_rat=0.1", check=False)
+    proc = run_train("demo.py:smoke", tmp_path, "--config.batch_sise=8", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        'error: --config.batch_sise=8: no such config key \'batch_sise\'; did you mean "batch_size" instead of '
+        '"batch_sise"?'], proc.stderr
+
+
+def test_a_missing_config_file_and_an_empty_workdir_are_one_line_errors(tmp_path):
+    proc = run_train("nope.py", tmp_path, check=False)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "learning_rat" in lines[0], proc.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot load --config {ROOT / 'configs' / 'nope.py'} "), lines
+    assert "use one of configs/anchornet_demo.py," in lines[0] and "configs/demo.py" in lines[0]
+    proc = run_train("demo.py:smoke", "", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: --workdir is empty: give the directory for checkpoints and metrics, e.g. --workdir runs/demo"]
+    assert not (ROOT / "checkpoints").exists() and not (ROOT / "config.json").exists()
+
+
+@pytest.mark.parametrize("command", [["train.py"], ["-m", "bagjax.experiments.heads"]])
+def test_help_lists_the_configs_and_the_common_overrides(command):
+    proc = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=train_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: ")
+    for name in CONFIGS:
+        assert f"configs/{name} " in proc.stdout
+    assert "--config.total_steps=N" in proc.stdout and "--config.optimizer.learning_rate=X" in proc.stdout
+
+
+@pytest.mark.parametrize("module", ["predict", "convert", "launch", "experiments.blackout", "experiments.lsp"])
+def test_every_argparse_command_has_a_working_help(module, capsys):
+    main = importlib.import_module(f"bagjax.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")
 
 
 def _write_folder(root: pathlib.Path) -> None:
@@ -79,6 +116,31 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_0(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     line = [ln for ln in out.splitlines() if ln.startswith("preempted: saved a checkpoint at step")][-1]
+    step = int(line.split("at step ")[1].split()[0])
+    assert step > first and checkpoint_steps(tmp_path)[-1] == step
+
+
+def test_sigint_saves_and_exits_130_and_a_signal_during_start_up_says_what_happened(tmp_path):
+    cmd = train_cmd("demo.py:smoke", tmp_path, "--config.total_steps=100000", "--config.checkpoint_every_steps=5",
+                    "--config.eval_every_steps=100000", "--config.log_every_steps=100000")
+    early = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # still importing JAX
+    early.send_signal(signal.SIGTERM)
+    out, err = early.communicate(timeout=120)
+    assert early.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM outside the training steps (start-up or final evaluation); no checkpoint was "
+        "lost: rerun the same command to resume"), err[-3000:]
+    assert "Traceback" not in err
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = _wait_for_checkpoint(tmp_path, proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    line = [ln for ln in out.splitlines() if ln.startswith("interrupted (SIGINT): saved a checkpoint at step")][-1]
     step = int(line.split("at step ")[1].split()[0])
     assert step > first and checkpoint_steps(tmp_path)[-1] == step
 

@@ -174,15 +174,31 @@ def run() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the input pipeline uses tf.data
     from absl import app, flags
 
+    from bagjax import cli
+
+    if cli.wants_help(sys.argv):
+        print(cli.help_text("python -m bagjax.experiments.heads --config configs/NAME.py[:smoke] --workdir DIR "
+                            "[--heads=a,b] [--seeds=N] [--out DIR] [--config.KEY=VALUE ...]", __doc__.splitlines()[0],
+                            (("--config=configs/NAME.py[:smoke]", "the base config (required)"),
+                             ("--workdir=DIR", "one training run per head and seed under it (required)"),
+                             ("--heads=learned,identity,...", f"heads among {', '.join(HEADS)}"),
+                             ("--seeds=N", "seeds per head (config.seed, config.seed + 1, ...)"),
+                             ("--out=DIR", "where heads.md/.csv/.png go (default: the workdir)"))))
+        return
+    cli.catch_interrupts()
     flags_ = _define_flags()
     try:
-        flags_(sys.argv)
-    except flags.Error as e:
-        sys.exit(f"error: {str(e).splitlines()[0]}. See the config file for the valid keys, or --helpfull.")
-    try:
-        app.run(main, argv=[sys.argv[0]])
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        try:
+            flags_(sys.argv)
+            flags_.config.to_dict()  # a config file that failed to load raises here
+        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+            sys.exit(f"error: {cli.flag_error(e, sys.argv)}")
+        try:
+            app.run(main, argv=[sys.argv[0]])
+        except (ValueError, RuntimeError, OSError) as e:
+            sys.exit(f"error: {' '.join(str(e).split())}")
+    except cli.Interrupted as e:
+        cli.interrupted_exit(e)
 
 
 if __name__ == "__main__":

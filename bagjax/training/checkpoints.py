@@ -11,9 +11,11 @@ The workdir format lives here too, so the loop writes through one module and rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -28,6 +30,36 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 DATASET_FILE = "dataset.json"
 _ITEMS = ("step", "params", "batch_stats", "opt_state")
+# The config keys that decide the shapes of the train state: a checkpoint that does not fit this run's state
+# was written by a different config only if one of these changed; otherwise it is damaged.
+STATE_KEYS = ("dataset", "num_classes", "model", "head", "model_kwargs", "optimizer", "schedule", "freeze_backbone",
+              "fsdp")
+
+
+class _Damaged(Exception):
+    """A step whose metadata does not describe this run's state although the config did not change."""
+
+
+class ConfigChangedError(ValueError):
+    """The checkpoints were written by a config whose state has other shapes."""
+
+
+class DiskFullError(OSError):
+    """Not enough free space for the next checkpoint; nothing was written."""
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Silence orbax's and asyncio's log records (tracebacks of a damaged step); bagjax says what happened."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -67,8 +99,26 @@ class Checkpoints:
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():  # e.g. a preemption right after a periodic save: already on disk
             return False
+        self._check_space(state, step)
         items = {k: ocp.args.StandardSave(v) for k, v in _items(state).items()}
         return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    def _check_space(self, state: TrainState, step: int) -> None:
+        """Refuse a save the disk cannot hold before orbax starts it: a write that fails half way floods stderr
+        with tracebacks from orbax's background threads. Process 0 decides for all."""
+        need = int(sum(leaf.nbytes for leaf in jax.tree.leaves(state)) * 1.2) + (1 << 20)  # + metadata
+        free = shutil.disk_usage(self.directory).free
+        short = jax.process_index() == 0 and free < need
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            short = bool(multihost_utils.broadcast_one_to_all(np.array(short)))
+        if short:
+            kept = self.all_steps()
+            raise DiskFullError(f"disk full: {free / 2**20:.1f} MiB free in {self.directory} but the checkpoint of "
+                                f"step {step} needs about {need / 2**20:.1f} MiB; nothing was written and "
+                                f"{'the checkpoints up to step ' + str(kept[-1]) if kept else 'no checkpoint'} "
+                                "are intact: free space (or lower keep_checkpoints) and rerun the same command")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -76,22 +126,27 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.close()
 
-    def restore_latest(self, abstract_state: TrainState) -> TrainState | None:
+    def restore_latest(self, abstract_state: TrainState, changed: list[str] | None = None) -> TrainState | None:
         """The newest readable step restored onto ``abstract_state``'s shardings, or None if there is none.
 
-        A step that fails to restore (e.g. truncated files) is named in a warning and the previous one is tried.
+        ``changed``: the ``STATE_KEYS`` this run's config changed against the workdir's config.json (None: no
+        config.json). A step that fails to restore (e.g. truncated or deleted files), or that does not fit the
+        state although no such key changed, is set aside with a one-line warning and the previous one is tried.
         """
         target = _items(abstract_state)
         for step in reversed(self.all_steps()):
-            self._check_fits(step, target)
             try:
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
+                with quiet_orbax():
+                    self._check_fits(step, target, changed)
+                    restored = self.manager.restore(
+                        step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
+            except ConfigChangedError:
+                raise
             except Exception as e:  # orbax raises many types for damaged files; all mean "not usable"
-                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to an earlier step",
-                                step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-                aside = self._set_aside(step)
-                print(f"warning: checkpoint step {step} is corrupt or incomplete (moved to {aside}), "
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                with quiet_orbax():
+                    aside = self._set_aside(step)
+                print(f"warning: checkpoint step {step} is corrupt or incomplete ({reason}; moved to {aside}), "
                       "falling back to an earlier step", flush=True)
                 continue
             opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
@@ -100,16 +155,22 @@ class Checkpoints:
                               batch_stats=restored["batch_stats"], opt_state=opt_state)
         return None
 
-    def _check_fits(self, step: int, target: dict[str, Any]) -> None:
-        """Raise if a readable step holds a different model (a config change), rather than treat it as corrupt."""
+    def _check_fits(self, step: int, target: dict[str, Any], changed: list[str] | None) -> None:
+        """Raise ConfigChangedError if a step holds another model because the config changed, _Damaged if it does
+        not fit although the config is the same (e.g. a deleted ``_METADATA``)."""
         try:
             metadata = self.manager.item_metadata(step)
             saved = {k: _shapes(getattr(metadata[k], "tree", metadata[k])) for k in ("params", "opt_state")}
         except Exception:  # unreadable metadata: restore will fail and the step is set aside as corrupt
             return
-        if saved != {k: _shapes(target[k]) for k in ("params", "opt_state")}:
-            raise ValueError(f"the checkpoints in {self.directory} were written by a different model or optimizer "
-                             "config than this run's: use a new --workdir, or the config in its config.json")
+        if saved == {k: _shapes(target[k]) for k in ("params", "opt_state")}:
+            return
+        if changed == []:
+            raise _Damaged(f"its metadata does not fit the state of the unchanged {CONFIG_FILE}")
+        what = f" ({', '.join(changed)} changed)" if changed else ""
+        raise ConfigChangedError(f"the checkpoints in {self.directory} were written by a different model or "
+                                 f"optimizer config than this run's{what}: use a new --workdir, or the config in its "
+                                 "config.json")
 
     def _set_aside(self, step: int) -> pathlib.Path:
         """Rename an unreadable step to ``corrupt-STEP`` (kept for inspection), so training can save that step again."""
@@ -149,11 +210,18 @@ class Checkpoints:
 
 def read_variables(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
     """``{'params', 'batch_stats'}`` of a workdir's step (default: best, else latest), without touching the workdir."""
-    ckpt = Checkpoints(workdir, read_only=True)
-    try:
-        return ckpt.restore_variables(step)
-    finally:
-        ckpt.close()
+    with quiet_orbax():  # orbax warns that a read-only manager is read-only
+        ckpt = Checkpoints(workdir, read_only=True)
+        try:
+            return ckpt.restore_variables(step)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # orbax raises many types for damaged files
+            raise ValueError(f"the checkpoint in {ckpt.directory} is unreadable ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}): resume training on the workdir with train.py, "
+                             "which sets damaged steps aside") from None
+        finally:
+            ckpt.close()
 
 
 def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -161,12 +229,27 @@ def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict)
     path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
+def changed_keys(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> list[str] | None:
+    """The ``STATE_KEYS`` whose value in ``config`` differs from the workdir's config.json (None: none saved)."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    now = json.loads(config.to_json_best_effort())
+    return [k for k in STATE_KEYS if saved.get(k) != now.get(k)]
+
+
 def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (its ``config.json``)."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a bagjax training workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): restore it, or rerun train.py with the same config "
+                         "on the workdir, which writes it again") from None
 
 
 def write_dataset_info(workdir: str | pathlib.Path, class_names: tuple[str, ...], num_train: int,
@@ -178,7 +261,16 @@ def write_dataset_info(workdir: str | pathlib.Path, class_names: tuple[str, ...]
 
 
 def read_dataset_info(workdir: str | pathlib.Path) -> dict[str, Any]:
-    return json.loads((pathlib.Path(workdir) / DATASET_FILE).read_text())
+    """A workdir's ``dataset.json`` (class names and split sizes); a missing or broken file is one line."""
+    path = pathlib.Path(workdir) / DATASET_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: rerun train.py with the same config on {workdir}, "
+                                "which writes it again") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): rerun train.py with the same config on {workdir}, "
+                         "which writes it again") from None
 
 
 def is_workdir(path: str | pathlib.Path) -> bool:

@@ -28,14 +28,30 @@ from jax.experimental import multihost_utils
 
 from bagjax import data
 from bagjax.models import build_model, is_bagnet
-from bagjax.training import checkpoints, optim, sharding
+from bagjax.training import checkpoints, checks, optim, sharding
 from bagjax.training.checkpoints import write_dataset_info
+from bagjax.training.lock import lock_workdir
 from bagjax.training.metrics import MetricWriter
 from bagjax.training.state import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradients stopped being finite."""
+
+
+def check_finite_eval(eval_metrics: dict[str, float], step: int, directory: pathlib.Path,
+                      skip_nonfinite: bool = False) -> None:
+    """The NaN guard of eval: a model whose eval loss is not finite is reported, not saved (with
+    ``skip_nonfinite_updates`` the run goes on, with a warning)."""
+    if math.isfinite(eval_metrics["eval_loss"]):
+        return
+    if skip_nonfinite:
+        print(f"warning: non-finite eval loss at step {step} (skip_nonfinite_updates=True: going on)", flush=True)
+    else:
+        raise NonFiniteLossError(
+            f"non-finite eval loss at step {step}: stopped without saving it; the last good checkpoint is kept in "
+            f"{directory}. Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or set "
+            "skip_nonfinite_updates=True")
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -220,14 +236,17 @@ def _steps(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> tuple[i
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint at a step boundary and exit cleanly."""
+    """Remembers a SIGTERM (preemption) or SIGINT (Ctrl-C) so the loop can checkpoint at a step boundary and exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.signum = 0
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def agreed(self) -> bool:
         if jax.process_count() == 1:
@@ -235,7 +254,8 @@ class _Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def evaluate(p_eval_step, state: TrainState, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
@@ -253,16 +273,32 @@ def evaluate(p_eval_step, state: TrainState, config: ml_collections.ConfigDict, 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and return the final eval metrics.
 
-    A run stopped by SIGTERM returns the metrics it has with ``preempted=True`` after checkpointing.
+    A run stopped by SIGTERM or SIGINT returns the metrics it has with ``preempted=True`` and ``signal`` after
+    checkpointing. Every config value is checked, then the workdir is locked (bagjax.training.lock), before
+    anything is written or compiled.
     """
+    checks.check_workdir_arg(workdir)
+    checks.check_values(config)
     workdir = pathlib.Path(workdir)
     maybe_initialize_distributed(config)
     info = data.dataset_info(config)
+    checks.check_splits(config, info.num_train, info.num_eval)
     num_classes = info.num_classes if config.num_classes <= 0 else config.num_classes
     if num_classes < info.num_classes:
         raise ValueError(f"num_classes={num_classes} but the dataset has {info.num_classes} classes: "
                          f"use --config.num_classes={info.num_classes} (or -1 to take it from the data)")
     check_config(config, workdir, num_classes)
+    lock = lock_workdir(workdir, is_main=jax.process_index() == 0, process_count=jax.process_count())
+    try:
+        return _train(config, workdir, info, num_classes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.DatasetInfo,
+           num_classes: int) -> dict[str, float]:
+    """The run itself, once every check passed and the workdir is locked."""
     if info.num_skipped:
         print(f"data: skipped {info.num_skipped} unreadable image(s)", flush=True)
     is_main = jax.process_index() == 0
@@ -288,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, state_sharding)
-    state = ckpt.restore_latest(abstract_sharded)
+    state = ckpt.restore_latest(abstract_sharded, checkpoints.changed_keys(workdir, config))
     if state is not None:
         print(f"resuming from step {int(state.step)} in {ckpt.directory}", flush=True)
     else:
@@ -311,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                           out_shardings=sharding.replicated(mesh))
 
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     preemption = _Preemption()
     eval_metrics: dict[str, float] = {}
     batches: Iterator[dict[str, np.ndarray]] = data.train_batches(config, start_step=start_step)
@@ -347,6 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % eval_every == 0 or step == total_steps:
                 check_finite()
                 eval_metrics = evaluate(p_eval_step, state, config, mesh)
+                check_finite_eval(eval_metrics, step, ckpt.directory, config.skip_nonfinite_updates)
                 writer.write(step, eval_metrics)
                 ckpt.save(state, {"eval_accuracy": eval_metrics["eval_accuracy"]}, force=True)
             elif step % config.checkpoint_every_steps == 0:
@@ -356,9 +393,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 check_finite()
                 ckpt.save(state, force=True)
                 ckpt.wait()
-                print(f"preempted: saved a checkpoint at step {step} in {ckpt.directory}; "
+                what = "interrupted (SIGINT)" if preemption.signum == signal.SIGINT else "preempted"
+                print(f"{what}: saved a checkpoint at step {step} in {ckpt.directory}; "
                       "rerun the same command to resume", flush=True)
-                return {**eval_metrics, "preempted": True}
+                return {**eval_metrics, "preempted": True, "signal": preemption.signum}
         ckpt.wait()
     finally:
         bar.close()

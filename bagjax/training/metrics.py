@@ -7,16 +7,29 @@ import pathlib
 
 
 class MetricWriter:
-    """Appends ``{"step": s, **metrics}`` to ``workdir/metrics.jsonl`` and writes TensorBoard scalars."""
+    """Appends ``{"step": s, **metrics}`` to ``workdir/metrics.jsonl`` and writes TensorBoard scalars.
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+    ``resume_step``: the step a run resumed from. Records past it (logged by a killed run after its last
+    checkpoint) are dropped from metrics.jsonl, and TensorBoard is told to purge them (a ``SessionLog.START``
+    at ``resume_step + 1``), so no step appears twice.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
-        self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+        if resume_step > 0 and self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= resume_step]
+            if len(kept) != len(lines):
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(self.path)
+        self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step > 0 else None)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -30,3 +43,11 @@ class MetricWriter:
     def close(self) -> None:
         if self.enabled:
             self.tensorboard.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line a kill left half written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

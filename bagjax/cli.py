@@ -1,0 +1,122 @@
+"""What the config-driven commands (``train.py``, ``python -m bagjax.experiments.heads``) share on the command line.
+
+``--help`` lists the shipped configs and the common overrides; flag and config-file mistakes become one line
+(``error: ...``) instead of absl's multi-line messages and tracebacks; SIGTERM/SIGINT during start-up stop the
+command with one line saying so (the training loop installs its own handlers, which checkpoint first).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import sys
+from typing import Sequence
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+COMMON_OVERRIDES = (
+    ("--config.total_steps=N", "train N steps (-1: num_epochs epochs)"),
+    ("--config.batch_size=N", "global batch size over all devices"),
+    ("--config.optimizer.learning_rate=X", "peak learning rate"),
+    ("--config.dataset=SPEC", "tfds:NAME[/CONFIG] | imagefolder:PATH | synthetic[:VARIANT]"),
+    ("--config.model=NAME", "bagnet9 | bagnet17 | bagnet33 | resnet50 | anchornet"),
+    ("--config.head=NAME", "learned | orthogonal | hadamard | identity"),
+    ("--config.init_from=DIR", "start from converted weights or another workdir"),
+    ("--config.dtype=bfloat16", "mixed precision compute"),
+    ("--config.eval_every_steps=N / checkpoint_every_steps=N / log_every_steps=N", "cadences"),
+)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived outside the training loop's own handlers (start-up, final evaluation)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def catch_interrupts() -> None:
+    """Turn SIGTERM/SIGINT into ``Interrupted`` until the training loop takes them over; one that is not caught
+    (e.g. while modules import) still ends as one line."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _raise_interrupted)
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if isinstance(value, Interrupted):
+            interrupted_exit(value, hard=True)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def interrupted_exit(e: Interrupted, hard: bool = False) -> None:
+    """One line and the shell's status for a signal (128 + signal number)."""
+    name = signal.Signals(e.signum).name
+    print(f"error: stopped by {name} outside the training steps (start-up or final evaluation); no checkpoint "
+          "was lost: rerun the same command to resume", file=sys.stderr, flush=True)
+    if hard:  # from sys.excepthook, where sys.exit cannot set the status
+        sys.stdout.flush()
+        os._exit(128 + e.signum)
+    sys.exit(128 + e.signum)
+
+
+def configs() -> list[tuple[str, str]]:
+    """(path, first docstring line) of every shipped config."""
+    rows = []
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        text = path.read_text()
+        doc = text.split('"""')[1].strip().splitlines()[0] if text.lstrip().startswith('"""') else ""
+        rows.append((f"configs/{path.name}", doc))
+    return rows
+
+
+def help_text(usage: str, description: str, flags: Sequence[tuple[str, str]]) -> str:
+    """The ``--help`` of a config-driven command."""
+    lines = [f"usage: {usage}", "", description, "", "flags:"]
+    lines += [f"  {name:<34} {text}" for name, text in flags]
+    lines += ["", "configs (append :smoke to any for a two-step run on tiny synthetic data):"]
+    lines += [f"  {name:<34} {doc}" for name, doc in configs()]
+    lines += ["", "common overrides (any config key can be set with --config.KEY=VALUE):"]
+    lines += [f"  {name:<34} {text}" for name, text in COMMON_OVERRIDES]
+    return "\n".join(lines)
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help", "--helpshort", "--helpfull", "-help") for a in argv[1:])
+
+
+def _config_arg(message: str, argv: Sequence[str]) -> str:
+    """The --config.KEY=VALUE argument an error message is about (or all of them)."""
+    args = [a for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in args if a.split("=", 1)[0].rsplit(".", 1)[-1] in message]
+    return " ".join(named or args)
+
+
+def flag_error(e: BaseException, argv: Sequence[str]) -> str:
+    """One line for an error parsing the flags or loading the config file."""
+    if isinstance(e, (KeyError, AttributeError)):  # a misspelt --config.KEY; ml_collections suggests a key
+        text = str(e.args[0]) if e.args else str(e)
+        if "\\n" in text:  # ml_collections nests the KeyError's repr in the message
+            text = text.encode().decode("unicode_escape")
+        text = text.replace("\\'", "'")
+        key, _, suggestion = text.strip().partition("\n")
+        suggestion = suggestion.strip().rstrip("'")
+        key = key.strip().strip("\"'")
+        hint = f"; {suggestion[0].lower()}{suggestion[1:]}" if suggestion else \
+            "; the valid keys are in the config file"
+        return f"{_config_arg(key, argv)}: no such config key {key!r}{hint}"
+    text = str(e).strip()
+    if "Failed loading config file" in text or isinstance(e.__cause__, OSError):
+        path = next((a.split("=", 1)[1] if "=" in a else argv[i + 2] for i, a in enumerate(argv[1:])
+                     if a.split("=", 1)[0] == "--config" and ("=" in a or i + 2 < len(argv))), "?")
+        reason = text.splitlines()[-1].strip() if text else type(e).__name__
+        return f"cannot load --config {path} ({reason}): use one of {', '.join(p for p, _ in configs())}"
+    return text.splitlines()[-1] if "Traceback" in text else " ".join(text.split())
