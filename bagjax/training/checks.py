@@ -65,7 +65,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             _fail(key, value, "must be a non-negative integer", example)
-    _in_range(config, "optimizer.learning_rate", 0, math.inf, low_open=True, high_open=True, example=0.1)
+    _in_range(config, "optimizer.learning_rate", 0, math.inf, high_open=True, example=0.1)  # 0: re-evaluate a checkpoint
     _in_range(config, "optimizer.momentum", 0, 1, high_open=True, example=0.9)
     _in_range(config, "optimizer.b1", 0, 1, high_open=True, example=0.9)
     _in_range(config, "optimizer.b2", 0, 1, high_open=True, example=0.999)
