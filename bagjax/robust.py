@@ -67,7 +67,8 @@ def touched_range(start: jax.Array | int, patch_px: int, rf: int, stride: int, s
     """Half-open range ``[lo, hi)`` of grid indices whose receptive field meets pixels ``[start, start + patch_px)``."""
     lo = -((rf - 1 - start) // stride)  # ceil((start - rf + 1) / stride)
     hi = (start + patch_px - 1) // stride + 1
-    return jnp.maximum(lo, 0), jnp.minimum(hi, size)
+    lo = jnp.clip(lo, 0, size)
+    return lo, jnp.clip(hi, lo, size)  # empty (lo == hi) for pixels no location sees
 
 
 def patch_origin(window_start: jax.Array | int, patch_px: int, rf: int, stride: int, image_size: int) -> jax.Array:
