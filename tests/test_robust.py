@@ -270,3 +270,70 @@ def test_pgd_patch_attack_never_breaks_a_certified_image(smoke, defense, kwargs)
     assert np.all(-np.asarray(out["margin"]) * scale >= worst_case - 1e-3 * np.abs(worst_case).max())
     if defense == "mask":
         assert np.any(broken & ~is_certified)  # the attack does break images the certificate left open
+
+
+# ----------------------------------------------------------------------------------------------- command
+def test_patch_sizes_are_area_fractions_rounded_up_like_patchguard():
+    # PatchGuard: 1%, 2% and 3% of a 224 px image are 23, 32 and 39 px patches
+    assert patch_robustness.parse_patch_sizes("1%,2%, 3%,12px,5", 224) == [
+        ("1%", 23), ("2%", 32), ("3%", 39), ("12px", 12), ("5", 5)]
+    for bad, match in (("0px", "does not fit"), ("101%", "does not fit"), ("4pct", "bad patch size"), ("", "at least")):
+        with pytest.raises(ValueError, match=match):
+            patch_robustness.parse_patch_sizes(bad, 224)
+
+
+def test_cli_writes_table_csv_and_figures(smoke, tmp_path, capsys):
+    workdir, _ = smoke
+    patch_robustness.main(["--workdir", str(workdir), "--out", str(tmp_path), "--patch-size", "1%",
+                           "--defense", "mask,none", "--attack-examples", "2", "--steps", "2", "--starts", "1",
+                           "--num-locations", "2", "--max-examples", "8"])
+    markdown = (tmp_path / "robustness.md").read_text()
+    assert markdown in capsys.readouterr().out and "8 eval images on a 6x6 logit grid" in markdown
+    lines = (tmp_path / "robustness.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 and lines[1].startswith("mask,1%,7,")  # ceil(sqrt(0.01 * 64 * 64)) = 7 px
+    assert lines[2].startswith("none,1%,7,") and lines[2].split(",")[8] == "0.0"  # none certifies nothing
+    for name in ("robustness.png", "robustness_attack.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_cli_rejects_bad_input_in_one_line(smoke, tmp_path):
+    workdir, trained = smoke
+    with pytest.raises(FileNotFoundError, match="not a bagjax training workdir"):
+        patch_robustness.main(["--workdir", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="does not fit the 64 px images"):
+        patch_robustness.main(["--workdir", str(workdir), "--patch-size", "65px"])
+    with pytest.raises(ValueError, match="bad patch size"):
+        patch_robustness.main(["--workdir", str(workdir), "--patch-size", "big"])
+    with pytest.raises(ValueError, match="unknown --defense 'median'"):
+        patch_robustness.main(["--workdir", str(workdir), "--defense", "mask,median", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="threshold"):
+        patch_robustness.main(["--workdir", str(workdir), "--threshold", "1"])
+    resnet = tmp_path / "resnet"
+    shutil.copytree(workdir, resnet)
+    config = json.loads((resnet / "config.json").read_text())
+    (resnet / "config.json").write_text(json.dumps({**config, "model": "resnet50"}))
+    with pytest.raises(TypeError, match="is not a BagNet"):
+        patch_robustness.main(["--workdir", str(resnet)])
+    assert not (workdir / "robustness").exists()  # nothing was written for bad input
+
+
+def test_clip_training_option_trains_on_clipped_bagnet_logits(tmp_path):
+    """``config.robust.clip``: the loss and eval use the mean of the clipped patch logits (Clipped BagNet)."""
+    from configs import demo
+    from bagjax import data
+    from bagjax.training.loop import train_and_evaluate
+
+    config = demo.get_config("smoke")
+    config.heatmap_images = 0
+    config.robust.clip = "cbn:1,0"
+    metrics = train_and_evaluate(config, str(tmp_path))
+    trained = load_trained(tmp_path)
+    batch = next(iter(data.eval_batches(trained.config, process_index=0, process_count=1)))
+    logits = patch_robustness._patch_logits(trained.model, trained.variables, jnp.asarray(batch["image"]))
+    clipped = robust.clipped_logits(logits, robust.parse_clip("cbn:1,0"))
+    assert float(jnp.abs(clipped).max()) <= 1.0
+    correct = np.sum((np.argmax(clipped, -1) == batch["label"]) & batch["mask"])
+    assert metrics["eval_accuracy"] == pytest.approx(correct / batch["mask"].sum())
+    config.robust.clip = "tanh"
+    with pytest.raises(ValueError, match="unknown clip"):
+        robust.apply_model(trained.model, trained.variables, batch["image"], config)
