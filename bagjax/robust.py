@@ -10,19 +10,20 @@ aggregation of the patch logits bounds what any content of that window can do, w
   class total (detection). Provable analysis (Algorithm 2, Lemmas 1-2), re-derived here for every window ``w``
   the patch may occupy: a wrong class keeps at most ``t / (1 - T)``, with ``t`` its evidence outside ``w``;
   the true class keeps at least ``S0 - M0``, where ``S0`` is its evidence outside ``w`` and ``M0`` the largest
-  window sum of that evidence with ``w`` zeroed. (PatchGuard's code only subtracts ``M0`` when the zeroed map
-  itself triggers detection; that is the same for ``T = 0``, but for ``T > 0`` an attacker who *adds* true-class
-  evidence in ``w`` can trigger a detection that removes ``M0`` anyway, so bagjax always subtracts it.)
+  window sum of that evidence with ``w`` zeroed. (The bound subtracts ``M0`` even when the zeroed map itself is
+  below the threshold: for ``T > 0`` an attacker who *adds* true-class evidence in ``w`` can trigger a detection
+  that removes genuine evidence. PatchGuard's code before its 12/2021 fix did not; with ``T = 0``, the setting
+  of the paper's results, both agree.)
 - **Clipped BagNet** (Zhang et al. 2020): local logits pass through a bounded function ``phi`` with range
-  ``[lo, hi]`` (their ``tanh(0.05 x - 1)``) before the mean. Inside the window a patch can move the margin
-  ``phi_y - phi_c`` of each location by at most to ``lo - hi``; the margin outside is fixed. Certified when, for
+  ``[lo, hi]`` (their ``tanh(0.05 x - 1)``) before the mean. Inside the window a patch can lower each location's
+  margin ``phi_y - phi_c`` to ``lo - hi`` at worst; outside it the margin is fixed. Certified when, for
   every window and *every* other class, ``sum_outside(phi_y - phi_c) - |w| (hi - lo)`` stays positive.
   (PatchGuard's ``provable_clipping`` checks only the runner-up class, which a third class can beat.)
 
 Predictions break ties towards the lower class index (``argmax``). A certificate needs its worst-case margin to
 exceed a float32 rounding bound (``rounding_tolerance``), so an exact tie never certifies: which class wins it
-depends on rounding. Every function below is pure and works on one image;
-``jax.vmap`` them over a batch (``certify`` does).
+depends on rounding. Every function below is pure and works on one image; ``jax.vmap`` them over a batch
+(``certify`` does).
 """
 
 from __future__ import annotations
