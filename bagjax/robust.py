@@ -230,10 +230,11 @@ def apply_model(model: nn.Module, variables: Any, images: jax.Array, config, **k
     if not hasattr(model, "patch_logits"):
         raise ValueError(f"config.robust.clip={clip!r} clips patch logits and needs a BagNet, not {config.model}: "
                          "set config.robust.clip=''")
+    phi = parse_clip(clip)
     out = model.apply(variables, images, output="patch_logits", **kwargs)
     if isinstance(out, tuple):  # mutable collections were requested
-        return clipped_logits(out[0], parse_clip(clip)), out[1]
-    return clipped_logits(out, parse_clip(clip))
+        return clipped_logits(out[0], phi), out[1]
+    return clipped_logits(out, phi)
 
 
 # ----------------------------------------------------------------------------------------------- defenses

@@ -18,16 +18,18 @@ from bagjax.workdir import load_trained
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """A two-step demo smoke run (BagNet-17 on synthetic:tiny at 64 px: a 6 x 6 grid) and its loaded model."""
+    """A two-step demo smoke run (BagNet-17 on synthetic:tiny at 64 px: a 6 x 6 grid), trained on Clipped
+    BagNet logits (``config.robust.clip``): its workdir, loaded model and final eval metrics."""
     from configs import demo
     from bagjax.training.loop import train_and_evaluate
 
     config = demo.get_config("smoke")
     config.image_size = 64
     config.heatmap_images = 0
+    config.robust.clip = "cbn:1,0"
     workdir = tmp_path_factory.mktemp("robust_smoke")
-    train_and_evaluate(config, str(workdir))
-    return workdir, load_trained(workdir)
+    metrics = train_and_evaluate(config, str(workdir))
+    return workdir, load_trained(workdir), metrics
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -201,6 +203,7 @@ def test_no_logit_level_attack_breaks_a_certified_image(defense):
     assert 0 < int(cert["certified"].sum()) < 64
     rng = np.random.default_rng(0)
     masks = np.asarray(robust.window_masks((6, 6), window)).reshape(-1, 6, 6)
+    predict = jax.jit(jax.vmap(lambda p: jnp.argmax(robust.defended_logits(p, defense, window, **kwargs))))
     broken_uncertified = 0
     for trial in range(24):
         scale = [0.5, 5.0, 1e6][trial % 3]
@@ -210,7 +213,7 @@ def test_no_logit_level_attack_breaks_a_certified_image(defense):
             values = np.where(values > 0, 1.0, -1.0) * np.abs(values).clip(1.0)  # saturate the clip
         chosen = masks[rng.integers(len(masks), size=64)][..., None]
         attacked = jnp.where(chosen, values, logits)
-        predicted = jax.vmap(lambda p: jnp.argmax(robust.defended_logits(p, defense, window, **kwargs)))(attacked)
+        predicted = predict(attacked)
         broken = np.asarray(predicted != labels)
         assert not np.any(broken & np.asarray(cert["certified"]))
         broken_uncertified += int((broken & ~np.asarray(cert["certified"])).sum())
@@ -234,7 +237,7 @@ def test_pgd_patch_attack_never_breaks_a_certified_image(smoke, defense, kwargs)
     """
     from bagjax import data
 
-    _, trained = smoke
+    _, trained, _ = smoke
     model, size, p = trained.model, int(trained.config.image_size), 4
     batch = next(iter(data.eval_batches(trained.config, process_index=0, process_count=1)))["image"]
     images = jnp.concatenate([batch, batch[:, ::-1]])  # 16 images
@@ -242,10 +245,11 @@ def test_pgd_patch_attack_never_breaks_a_certified_image(smoke, defense, kwargs)
     window = robust.window_shape(model, p, size, size)
     rf, stride = patches.receptive_field(model)
 
+    certify = jax.jit(lambda logits: robust.certify(logits, labels, defense, window, **dict(kwargs)))
+
     def certified(amount):
         variables = _with_class_bias(trained.variables, 0, amount)
-        logits = patch_robustness._patch_logits(model, variables, images)
-        return variables, robust.certify(logits, labels, defense, window, **dict(kwargs))
+        return variables, certify(patch_robustness._patch_logits(model, variables, images))
 
     low, high = 0.0, 64.0
     for _ in range(10):  # bisect the bias to certify about half of the images
@@ -283,9 +287,9 @@ def test_patch_sizes_are_area_fractions_rounded_up_like_patchguard():
 
 
 def test_cli_writes_table_csv_and_figures(smoke, tmp_path, capsys):
-    workdir, _ = smoke
+    workdir, _, _ = smoke
     patch_robustness.main(["--workdir", str(workdir), "--out", str(tmp_path), "--patch-size", "1%",
-                           "--defense", "mask,none", "--attack-examples", "2", "--steps", "2", "--starts", "1",
+                           "--defense", "mask,none", "--attack-examples", "2", "--steps", "1", "--starts", "1",
                            "--num-locations", "2", "--max-examples", "8"])
     markdown = (tmp_path / "robustness.md").read_text()
     assert markdown in capsys.readouterr().out and "8 eval images on a 6x6 logit grid" in markdown
@@ -297,7 +301,7 @@ def test_cli_writes_table_csv_and_figures(smoke, tmp_path, capsys):
 
 
 def test_cli_rejects_bad_input_in_one_line(smoke, tmp_path):
-    workdir, trained = smoke
+    workdir, _, _ = smoke
     with pytest.raises(FileNotFoundError, match="not a bagjax training workdir"):
         patch_robustness.main(["--workdir", str(tmp_path / "missing")])
     with pytest.raises(ValueError, match="does not fit the 64 px images"):
@@ -317,23 +321,21 @@ def test_cli_rejects_bad_input_in_one_line(smoke, tmp_path):
     assert not (workdir / "robustness").exists()  # nothing was written for bad input
 
 
-def test_clip_training_option_trains_on_clipped_bagnet_logits(tmp_path):
-    """``config.robust.clip``: the loss and eval use the mean of the clipped patch logits (Clipped BagNet)."""
-    from configs import demo
+def test_clip_training_option_trains_on_clipped_bagnet_logits(smoke):
+    """``config.robust.clip``: training and eval use the mean of the clipped patch logits (Clipped BagNet)."""
     from bagjax import data
-    from bagjax.training.loop import train_and_evaluate
 
-    config = demo.get_config("smoke")
-    config.heatmap_images = 0
-    config.robust.clip = "cbn:1,0"
-    metrics = train_and_evaluate(config, str(tmp_path))
-    trained = load_trained(tmp_path)
-    batch = next(iter(data.eval_batches(trained.config, process_index=0, process_count=1)))
-    logits = patch_robustness._patch_logits(trained.model, trained.variables, jnp.asarray(batch["image"]))
-    clipped = robust.clipped_logits(logits, robust.parse_clip("cbn:1,0"))
-    assert float(jnp.abs(clipped).max()) <= 1.0
-    correct = np.sum((np.argmax(clipped, -1) == batch["label"]) & batch["mask"])
-    assert metrics["eval_accuracy"] == pytest.approx(correct / batch["mask"].sum())
+    _, trained, metrics = smoke
+    assert trained.config.robust.clip == "cbn:1,0"
+    correct = count = 0
+    for batch in data.eval_batches(trained.config, process_index=0, process_count=1):
+        logits = patch_robustness._patch_logits(trained.model, trained.variables, jnp.asarray(batch["image"]))
+        clipped = robust.clipped_logits(logits, robust.parse_clip("cbn:1,0"))
+        assert float(jnp.abs(clipped).max()) <= 1.0
+        correct += int(np.sum((np.argmax(clipped, -1) == batch["label"]) & batch["mask"]))
+        count += int(batch["mask"].sum())
+    assert count == metrics["eval_count"] and metrics["eval_accuracy"] == pytest.approx(correct / count)
+    config = trained.config.copy_and_resolve_references()
     config.robust.clip = "tanh"
     with pytest.raises(ValueError, match="unknown clip"):
         robust.apply_model(trained.model, trained.variables, batch["image"], config)
