@@ -199,7 +199,7 @@ def test_no_logit_level_attack_breaks_a_certified_image(defense):
     clip = robust.parse_clip("clamp:-1,1")
     kwargs = {"clip": clip} if defense == "clip" else {}
     logits, labels = _signal_logits(jax.random.key(5), 64, (6, 6), 3)
-    cert = robust.certify(logits, labels, defense, window, **kwargs)
+    cert = jax.jit(lambda x, y: robust.certify(x, y, defense, window, **kwargs))(logits, labels)
     assert 0 < int(cert["certified"].sum()) < 64
     rng = np.random.default_rng(0)
     masks = np.asarray(robust.window_masks((6, 6), window)).reshape(-1, 6, 6)
