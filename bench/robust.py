@@ -69,8 +69,9 @@ def main() -> None:
         if not np.array_equal(ours, reference):
             raise SystemExit(f"{defense}: bagjax and the loop certify different images: {ours} vs {reference}")
         ratios[defense] = loop / best
-        print(f"{defense}: {int(ours.sum())} / {args.images} certified by both; bagjax {best / args.images * 1e3:.3f} ms"
-              f" per image, loop {loop / args.images * 1e3:.1f} ms per image: {ratios[defense]:.1f}x")
+        print(f"{defense}: {int(ours.sum())} / {args.images} certified by both; bagjax "
+              f"{best / args.images * 1e3:.3f} ms per image, loop {loop / args.images * 1e3:.1f} ms per image: "
+              f"{ratios[defense]:.1f}x")
     print(f"robust_certify: {ratios['mask']:.2f}x (bagjax over per-window Python loop)")
 
 

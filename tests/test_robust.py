@@ -1,7 +1,6 @@
 """Certified robustness to adversarial patches (bagjax.robust) and the patch attack that checks it (bagjax.attack)."""
 
 import json
-import math
 import shutil
 
 import jax
@@ -116,8 +115,9 @@ def test_threshold_lower_bound_holds_against_an_attacker_who_adds_true_class_evi
 
     Class 0 keeps 9 outside the patch window {0, 1} and its zeroed map (best window 3 of 9) is below the
     detection threshold T = 0.5, so a bound that only masks when the zeroed map is detected (PatchGuard's code
-    before its 12/2021 fix) gives 9 > 7.5, the most class 1 can reach. The attack below puts 5 of class-0 evidence next to a genuine 3: detected, masked,
-    class 0 drops to 6 and class 1 wins. bagjax's bound S0 - M0 = 6 does not certify this window.
+    before its 12/2021 fix) gives 9 > 7.5, the most class 1 can reach. The attack below puts 5 of class-0
+    evidence next to a genuine 3: detected, masked, class 0 drops to 6 and class 1 wins. bagjax's bound
+    S0 - M0 = 6 does not certify this window.
     """
     grid = np.zeros((1, 7, 2), np.float32)
     grid[0, :, 0] = [1, 1, 3, 0, 3, 0, 3]

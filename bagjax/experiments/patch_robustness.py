@@ -155,8 +155,9 @@ def run_robustness(model, variables, config, sizes: Sequence[tuple[str, int]], d
                 flat_origins = jnp.tile(origins[:, None], (1, starts, 1, 1)).reshape(-1, 2)
                 chunk = min(attack_batch, len(entries))
                 padded = np.concatenate([np.arange(len(entries)), np.full(-len(entries) % chunk, len(entries) - 1)])
-                run = attack.pgd_patch.lower(  # compiled ahead, so that the time below is the attack's alone
-                    model, variables, images[entries[:chunk]], labels[entries[:chunk]], flat_origins[:chunk], key, defense=d,
+                first = entries[:chunk]  # compiled ahead, so that the time below is the attack's alone
+                run = attack.pgd_patch.lower(
+                    model, variables, images[first], labels[first], flat_origins[:chunk], key, defense=d,
                     window=window, patch_px=px, steps=steps, step_size=step_size, defense_kwargs=kwargs).compile()
                 broken = np.zeros(len(entries), bool)
                 margins = np.zeros(len(entries), np.float32)
