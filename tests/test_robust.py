@@ -10,7 +10,7 @@ import pytest
 
 import robust_reference
 from bagjax import attack, patches, robust
-from bagjax.experiments import blackout, patch_robustness
+from bagjax.experiments import patch_robustness
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
 
@@ -51,9 +51,9 @@ def test_window_size_is_the_most_locations_any_patch_position_touches(rf, stride
 
 def test_window_equals_the_gradient_support_of_a_patch_on_a_real_bagnet():
     model = create_model("bagnet17", num_classes=3, width=8, stage_sizes=(1, 1, 1, 1))
-    variables = blackout.random_variables(model)
     size, p = 48, 9
     images = jax.random.normal(jax.random.key(0), (3, size, size, 3))  # support: the union over three images
+    variables = model.init(jax.random.key(1), images)
     gh, gw = patches.grid_shape(model, size, size)
     rf, stride = patches.receptive_field(model)
     # d(sum over images and classes of the logit at (i, j)) / d(images), for every location at once
