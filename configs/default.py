@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.label_smoothing = 0.0
     config.freeze_backbone = False        # train only the head (the blackout paper's fine-tuning)
     config.aux_loss_weight = 1.0          # AnchorNet: weight of the auxiliary attention classifiers
+    config.robust = ml_collections.ConfigDict({"clip": ""})  # "cbn": train on Clipped BagNet logits (bagjax.robust)
     config.skip_nonfinite_updates = False  # True: skip a step whose loss/grads are not finite instead of stopping
 
     config.total_steps = -1               # -1: num_epochs * steps_per_epoch

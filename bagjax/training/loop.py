@@ -26,7 +26,7 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from bagjax import data
+from bagjax import data, robust
 from bagjax.models import build_model, is_bagnet
 from bagjax.training import checkpoints, checks, optim, sharding
 from bagjax.training.checkpoints import write_dataset_info
@@ -90,9 +90,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         if train_bn:
-            outputs, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+            outputs, updates = robust.apply_model(model, variables, batch["image"], config, train=True,
+                                                  mutable=["batch_stats"])
         else:
-            outputs, updates = model.apply(variables, batch["image"], train=False), {"batch_stats": state.batch_stats}
+            outputs = robust.apply_model(model, variables, batch["image"], config, train=False)
+            updates = {"batch_stats": state.batch_stats}
         loss, logits = loss_and_logits(config.model, outputs, batch["label"], config)
         return loss, (logits, updates["batch_stats"])
 
@@ -111,7 +113,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
     """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch."""
-    logits = eval_logits(config.model, model.apply(state.variables, batch["image"], train=False))
+    logits = eval_logits(config.model, robust.apply_model(model, state.variables, batch["image"], config, train=False))
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
