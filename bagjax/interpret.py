@@ -10,10 +10,11 @@ so the patch logit of a class *is* that patch's evidence. Three maps follow:
   centred on that pixel of the zero-padded image (bethgelab ``utils.generate_heatmap_pytorch``). The
   reference runs ~50,000 patches through the network. Here one pass of the unchanged BagNet computes it, with
   ``flax.linen.intercept_methods`` changing two things: every conv is evaluated at stride 1 (as per-tap
-  matrix products on the CPU, one convolution on GPUs), and a strided conv's output is split into its ``s x s`` phases, which become batch
-  entries (polyphase shift-and-stitch, layer by layer: the a-trous algorithm). Later layers run unchanged on
-  the larger batch, the 64 output phases interleave into the stride-1 map, each layer is computed once per
-  output pixel, and only the target class column of the head is evaluated. The values are the reference's.
+  matrix products on the CPU, one convolution on GPUs), and a strided conv's output is split into its
+  ``s x s`` phases, which become batch entries (polyphase shift-and-stitch, layer by layer: the a-trous
+  algorithm). Later layers run unchanged on the larger batch, the 64 output phases interleave into the stride-1
+  map, each layer is computed once per output pixel, and only the target class column of the head is
+  evaluated. The values are the reference's. Several images can share one pass (``stride1_heatmap``).
 
 Plots follow the reference's ``plot_heatmap``: RdBu_r, colour range symmetric at the 99th percentile of
 ``|heatmap|``, image edges drawn on top.
@@ -191,7 +192,8 @@ def _one_class_head(targets: jax.Array):
         params = module.variables["params"]
         columns = jnp.take(params["kernel"], targets, axis=1).astype(module.dtype)  # (F, G)
         x = x.astype(module.dtype).reshape(-1, items, *x.shape[1:])
-        y = jnp.einsum("pghwf,fg->pghw", x, columns).astype(jnp.float32) + jnp.take(params["bias"], targets)[:, None, None]
+        y = jnp.einsum("pghwf,fg->pghw", x, columns).astype(jnp.float32)
+        y = y + jnp.take(params["bias"], targets)[:, None, None]
         return y.reshape(*args[0].shape[:-1], 1)
 
     return intercept

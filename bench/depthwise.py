@@ -79,8 +79,9 @@ def main() -> None:
             print(f"  {impl.__name__}: first call (trace + compile + run) {compile_seconds[-1]:.1f} s", flush=True)
     if args.only:
         t = best_of(lambda: steps[0](variables["params"]), args.repeats)
-        print(f"AnchorNet fwd+bwd, {args.image_size} px, batch {args.batch}, {args.dtype}, {jax.devices()[0].device_kind}, "
-              f"{args.only} depthwise convs: {t * 1e3:.1f} ms ({args.batch / t:.1f} img/s)")
+        print(f"AnchorNet fwd+bwd, {args.image_size} px, batch {args.batch}, {args.dtype}, "
+              f"{jax.devices()[0].device_kind}, {args.only} depthwise convs: {t * 1e3:.1f} ms "
+              f"({args.batch / t:.1f} img/s)")
         return
     shifted_step, grouped_step = steps
     shifted_value, grouped_value = values
@@ -106,8 +107,8 @@ def main() -> None:
           f"compiled in {compile_seconds[0]:.1f} s")
     print(f"  grouped convolution:   {t_grouped * 1e3:8.1f} ms  ({args.batch / t_grouped:8.1f} img/s), "
           f"compiled in {compile_seconds[1]:.1f} s")
-    print(f"  shifted over grouped: {t_grouped / t_shifted:.2f}x; bagjax uses the {'shifted' if shifted_here else 'grouped'}"
-          f" form here")
+    print(f"  shifted over grouped: {t_grouped / t_shifted:.2f}x; bagjax uses the "
+          f"{'shifted' if shifted_here else 'grouped'} form here")
     print(f"depthwise_train_step: {t_grouped / t_bagjax:.2f}x (bagjax over XLA grouped convolution)")
 
 

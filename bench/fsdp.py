@@ -5,8 +5,9 @@ Compiles ``bagjax.training.loop.train_step`` for BagNet-33 (1,000 classes, SGD w
 state and once with ``fsdp=True``, and reads from the compiled step: the bytes of train state each device holds,
 XLA's memory analysis (arguments, outputs, temporaries per device) and the collectives in the optimized HLO with
 the bytes they move. Without accelerators it runs on ``--devices`` simulated CPU devices
-(``--xla_force_host_platform_device_count``; ``--real-devices`` takes the machine's), the multi-GPU dry run; memory and collectives are properties of
-the sharded program, so they carry over to GPUs (temporaries differ by backend). Activations scale with the
+(``--xla_force_host_platform_device_count``; ``--real-devices`` takes the machine's), the multi-GPU dry run;
+memory and collectives are properties of the sharded program, so they carry over to GPUs (temporaries differ by
+backend). Activations scale with the
 batch and image size, which default small here to keep the CPU compile short.
 
     python bench/fsdp.py [--devices 2] [--batch 4] [--size 64]
@@ -100,7 +101,8 @@ def main() -> None:
         memory = compiled.memory_analysis()
         collectives = collective_bytes(compiled.as_text())
         print(f"fsdp={fsdp!s:5}: state per device {held / 2**20:7.1f} MiB; compiled per device: arguments "
-              f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
+              f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, "
+              f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
         for name, (count, nbytes) in sorted(collectives.items()):
             print(f"    {name:18s} x{count:3d}  {nbytes / 2**20:8.1f} MiB per step")
     print(f"fsdp_state_per_device: {per_device[True] / per_device[False]:.2f}x (bagjax fsdp over replicated state)")

@@ -111,7 +111,8 @@ def main() -> None:
           f"{reference_s:.1f} s per image scaled")
     print(f"max |heatmap difference| on the {args.patches} reference pixels: {max_diff:.2e}")
     if not max_diff <= tolerance:
-        raise SystemExit(f"bagjax and the reference disagree by {max_diff:.2e} > {tolerance:.2e}: the maps are not equal")
+        raise SystemExit(f"bagjax and the reference disagree by {max_diff:.2e} > {tolerance:.2e}: "
+                         "the maps are not equal")
     print(f"heatmap_stride1: {reference_s / bagjax_s:.2f}x (bagjax over PyTorch per-pixel reference)")
 
 

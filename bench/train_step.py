@@ -58,7 +58,8 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 def forward_flops(model, variables, size: int) -> float:
     """FLOPs of one image's forward pass from XLA's cost analysis, lowered for the CPU (GPU convs are not counted)."""
     cpu = jax.devices("cpu")[0]
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(cpu)),
+    on_cpu = jax.sharding.SingleDeviceSharding(cpu)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu),
                             (variables, jnp.zeros((1, size, size, 3), jnp.float32)))
     lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(*abstract)
     cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
@@ -275,7 +276,8 @@ def main() -> None:
         labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
         contenders, notes, seconds = {}, {}, {}
         for pointwise in args.pointwise:
-            run, compile_s, flops, *_ = bagjax_step(make_config(batch, args.dtype, args.size), pointwise, images, labels)
+            config = make_config(batch, args.dtype, args.size)
+            run, compile_s, flops, *_ = bagjax_step(config, pointwise, images, labels)
             contenders[f"bagjax pointwise={pointwise}"] = run
             profile_run = profile_run or run
             notes[f"bagjax pointwise={pointwise}"] = f"compile {compile_s:5.1f} s"
