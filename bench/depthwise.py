@@ -6,7 +6,7 @@ the baseline, ``grouped_depthwise_conv``, is ``lax.conv_general_dilated(..., fea
 ``nn.Conv`` with ``feature_group_count`` lowers to). Both give the same outputs and gradients (checked here);
 the timed work is one jitted forward + backward of the training loss (all six cross-entropies), best of 5.
 ``layers.depthwise_conv`` uses the shifted form on the CPU, where it wins, and in bfloat16 everywhere (on an H100
-the grouped form's bf16 step did not finish compiling in two minutes, the shifted one took 72 s), and the grouped
+the grouped form's bf16 step did not finish compiling in 128 s, the shifted one took 72 s), and the grouped
 one for float32 elsewhere, so the last line is 1.00x for float32 off the CPU; the line above it gives shifted over
 grouped on any platform. The first call of each (trace, compile, run) is timed too.
 

@@ -64,9 +64,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
     On the CPU, XLA's grouped convolution, and above all its gradient, is slow: the shifted multiply-adds
     make AnchorNet's training step 3-4x faster there (``bench/depthwise.py``). On an H100 cuDNN's grouped
     convolution wins in float32 (the shifted form is 0.88x), so every other platform uses it there (only the
-    H100 was measured). In bfloat16 the grouped form's training step did not finish compiling in over two
-    minutes on the H100 (224 px, batch 256; its convolution autotuning), while the shifted one compiled and ran
-    in 72 s, so half-precision inputs take the shifted form on every platform.
+    H100 was measured). In bfloat16 the grouped form's AnchorNet training step did not finish compiling in 128 s
+    on the H100 (224 px, batch 256), while the shifted one compiled and ran in 72 s, so half-precision inputs
+    take the shifted form on every platform.
     """
     if jnp.dtype(x.dtype).itemsize < 4:
         return shifted_depthwise_conv(x, kernel, stride)
