@@ -10,10 +10,11 @@ so the patch logit of a class *is* that patch's evidence. Three maps follow:
   centred on that pixel of the zero-padded image (bethgelab ``utils.generate_heatmap_pytorch``). The
   reference runs ~50,000 patches through the network. Here one pass of the unchanged BagNet computes it, with
   ``flax.linen.intercept_methods`` changing two things: every conv is evaluated at stride 1 (as per-tap
-  matrix products), and a strided conv's output is split into its ``s x s`` phases, which become batch
-  entries (polyphase shift-and-stitch, layer by layer: the a-trous algorithm). Later layers run unchanged on
-  the larger batch, the 64 output phases interleave into the stride-1 map, each layer is computed once per
-  output pixel, and only the target class column of the head is evaluated. The values are the reference's.
+  matrix products on the CPU, one convolution on GPUs), and a strided conv's output is split into its
+  ``s x s`` phases, which become batch entries (polyphase shift-and-stitch, layer by layer: the a-trous
+  algorithm). Later layers run unchanged on the larger batch, the 64 output phases interleave into the stride-1
+  map, each layer is computed once per output pixel, and only the target class column of the head is
+  evaluated. The values are the reference's. Several images can share one pass (``stride1_heatmap``).
 
 Plots follow the reference's ``plot_heatmap``: RdBu_r, colour range symmetric at the 99th percentile of
 ``|heatmap|``, image edges drawn on top.
@@ -112,11 +113,12 @@ def _as_pair(value: int | Sequence[int] | None) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def _matmul_conv(module: nn.Conv, x: jax.Array) -> jax.Array:
-    """The stride-1 output of an unpadded conv, as one matrix product per kernel tap.
+def _stride1_conv(module: nn.Conv, x: jax.Array) -> jax.Array:
+    """The stride-1 output of an unpadded conv: per-tap matrix products on the CPU, a convolution elsewhere.
 
     ``y = sum_{i,j} x[:, i:i+h, j:j+w] @ W[i, j] (+ b)`` is the same unpadded convolution; XLA:CPU runs these
-    products about 3x faster than its convolution, and on accelerators they are plain GEMMs.
+    products about 3x faster than its convolution, while on GPUs one cuDNN convolution beats k*k GEMMs whose
+    partial sums each go through memory. A 1x1 conv is one matrix product everywhere.
     """
     if (module.padding not in ("VALID", ((0, 0), (0, 0)), 0) or _as_pair(module.kernel_dilation) != (1, 1)
             or _as_pair(module.input_dilation) != (1, 1) or module.feature_group_count != 1 or module.mask is not None):
@@ -125,8 +127,17 @@ def _matmul_conv(module: nn.Conv, x: jax.Array) -> jax.Array:
     x, kernel, bias = nn.dtypes.promote_dtype(x, params["kernel"], params.get("bias"), dtype=module.dtype)
     kh, kw = kernel.shape[:2]
     h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    y = sum(jnp.dot(x[:, i:i + h, j:j + w], kernel[i, j], precision=module.precision)
-            for i in range(kh) for j in range(kw))
+
+    def per_tap(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return sum(jnp.dot(x[:, i:i + h, j:j + w], kernel[i, j], precision=module.precision)
+                   for i in range(kh) for j in range(kw))
+
+    def convolution(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision=module.precision)
+
+    y = per_tap(x, kernel) if (kh, kw) == (1, 1) else jax.lax.platform_dependent(x, kernel, cpu=per_tap,
+                                                                                 default=convolution)
     return y if bias is None else y + bias
 
 
@@ -145,7 +156,7 @@ def _polyphase_interceptor(levels: dict[int, tuple[int, int]]):
         if not isinstance(module, nn.Conv) or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         x = args[0]
-        y = _matmul_conv(module, x)
+        y = _stride1_conv(module, x)
         sy, sx = _as_pair(module.strides)
         if (sy, sx) == (1, 1):
             return y
@@ -159,23 +170,31 @@ def _polyphase_interceptor(levels: dict[int, tuple[int, int]]):
     return intercept
 
 
-def _one_class_head(target: jax.Array):
-    """Interceptor narrowing the classifier head to the ``target`` class: output ``(..., 1)``.
+def _one_class_head(targets: jax.Array):
+    """Interceptor narrowing the classifier head to each item's ``targets`` class: output ``(..., 1)``.
 
-    The learned head (thesis Eq. 3.3) then costs one column of W, not all C (at 1,000 classes it is ~10% of
-    a stride-1 map's FLOPs); the other heads are evaluated in full and the class is picked afterwards.
+    The head sees the phase-major batch ``(P * G, h, w, F)`` of ``G`` items, so entry ``k`` belongs to item
+    ``k % G``. The learned head (thesis Eq. 3.3) then costs one column of W per item, not all C (at 1,000
+    classes that is ~10% of a stride-1 map's FLOPs); the other heads are evaluated in full and the class is
+    picked afterwards.
     """
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if not isinstance(module, Head) or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        x = args[0]
+        items = targets.shape[0]
         if module.kind != "learned":
-            return jnp.take(next_fun(*args, **kwargs), target, axis=-1)[..., None]
+            y = next_fun(*args, **kwargs)
+            y = y.reshape(-1, items, *y.shape[1:])
+            return jax.vmap(lambda m, c: jnp.take(m, c, axis=-1), (1, 0), 1)(y, targets).reshape(*x.shape[:-1], 1)
         params = module.variables["params"]
-        column = jnp.take(params["kernel"], target, axis=1)[:, None]
-        y = jnp.dot(args[0].astype(module.dtype), column.astype(module.dtype))
-        return y.astype(jnp.float32) + jnp.take(params["bias"], target)
+        columns = jnp.take(params["kernel"], targets, axis=1).astype(module.dtype)  # (F, G)
+        x = x.astype(module.dtype).reshape(-1, items, *x.shape[1:])
+        y = jnp.einsum("pghwf,fg->pghw", x, columns).astype(jnp.float32)
+        y = y + jnp.take(params["bias"], targets)[:, None, None]
+        return y.reshape(*args[0].shape[:-1], 1)
 
     return intercept
 
@@ -192,26 +211,34 @@ def _interleave(phase_maps: jax.Array, levels: Sequence[tuple[int, int]]) -> jax
     return maps.reshape(gh * math.prod(sy for sy, _ in levels), gw * math.prod(sx for _, sx in levels))
 
 
-def _stride1_logits(model: nn.Module, variables: Any, padded: jax.Array, target: jax.Array) -> jax.Array:
-    """Stride-1 logits of class ``target`` for one padded image ``(H_pad, W_pad, 3)``, in one polyphase pass."""
+def _stride1_logits(model: nn.Module, variables: Any, padded: jax.Array, targets: jax.Array) -> jax.Array:
+    """Stride-1 logits of class ``targets[g]`` for each padded item ``(G, H_pad, W_pad, 3)``, in one polyphase pass."""
     levels: dict[int, tuple[int, int]] = {}
-    with nn.intercept_methods(_polyphase_interceptor(levels)), nn.intercept_methods(_one_class_head(target)):
-        logits = model.apply(variables, padded[None], train=False, method="patch_logits")
-    return _interleave(logits[..., 0], list(levels.values()))
+    with nn.intercept_methods(_polyphase_interceptor(levels)), nn.intercept_methods(_one_class_head(targets)):
+        logits = model.apply(variables, padded, train=False, method="patch_logits")
+    phases = logits[..., 0].reshape(-1, padded.shape[0], *logits.shape[1:3])  # (P, G, h, w), phase-major
+    return jax.vmap(functools.partial(_interleave, levels=list(levels.values())), 1)(phases)
+
+
+def default_chunk_pixels() -> int:
+    """Output pixels per polyphase pass: 2**15 on the CPU (~1 GB of temporaries for BagNet-33), 2**18 elsewhere."""
+    return 2**15 if jax.default_backend() == "cpu" else 2**18
 
 
 def stride1_heatmap(model: nn.Module, variables: Any, images: jax.Array, target_class: Classes, *,
-                    chunk_pixels: int = 2**15) -> jax.Array:
+                    chunk_pixels: int | None = None) -> jax.Array:
     """Per-pixel evidence: the class logit of the rf x rf patch centred on every pixel, ``(H, W)`` or ``(B, H, W)``.
 
     The paper's high-resolution heatmap (Brendel & Bethge 2019, Fig. 2; bethgelab ``generate_heatmap_pytorch``):
     the normalized image is zero-padded by ``(rf - 1) // 2`` before (and the rest of ``rf - 1`` after) each
     axis and pixel (y, x) gets the logit of the padded patch ``[y, y + rf) x [x, x + rf)``. Computed exactly
-    by polyphase decomposition of the strided convs (module docstring), not patch by patch. To bound memory
-    the map is computed in horizontal bands of about ``chunk_pixels`` pixels, one band and image at a time
-    (BagNet-33 at full width: ~1 GB of temporaries for the default, two bands of a 224 px image).
+    by polyphase decomposition of the strided convs (module docstring), not patch by patch. Memory is bounded
+    by ``chunk_pixels`` output pixels per pass (``default_chunk_pixels()``; BagNet-33 at full width needs
+    ~1 GB of temporaries per 2**15): several whole images share a pass when they fit (a batch of images is
+    one pass per phase), and an image larger than that is cut into horizontal bands.
     """
     patches.receptive_field(model)
+    chunk_pixels = default_chunk_pixels() if chunk_pixels is None else chunk_pixels
     if chunk_pixels < 1:
         raise ValueError(f"chunk_pixels must be positive, got {chunk_pixels}")
     batch_images, batched = _as_batch(images)
@@ -234,14 +261,21 @@ def _stride1_heatmaps(model: nn.Module, variables: Any, images: jax.Array, class
     lo = (rf - 1) // 2
     padded = jnp.pad(images, ((0, 0), (lo, bands * band_rows - height + rf - 1 - lo),
                               (lo, full_width - width + rf - 1 - lo), (0, 0)))
+    # Items are (image, band) pairs; a pass takes as many as fit in chunk_pixels (the last pass is padded with
+    # repeats of the first items, whose maps are dropped).
+    items = batch * bands
+    per_pass = max(1, min(items, chunk_pixels // (band_rows * full_width)))
+    passes = -(-items // per_pass)
+    b, r = jnp.divmod(jnp.arange(passes * per_pass) % items, bands)
 
-    def band(item: tuple[jax.Array, jax.Array]) -> jax.Array:
-        b, r = item
-        rows = jax.lax.dynamic_slice_in_dim(padded[b], r * band_rows, band_rows + rf - 1, axis=0)
-        return _stride1_logits(model, variables, rows, classes[b])
+    def one_pass(item: tuple[jax.Array, jax.Array]) -> jax.Array:
+        bs, rs = item
+        rows = jax.vmap(lambda b, r: jax.lax.dynamic_slice_in_dim(padded[b], r * band_rows, band_rows + rf - 1, 0))(
+            bs, rs)
+        return _stride1_logits(model, variables, rows, classes[bs])
 
-    b, r = jnp.divmod(jnp.arange(batch * bands), bands)
-    maps = jax.lax.map(band, (b, r))
+    maps = jax.lax.map(one_pass, (b.reshape(passes, per_pass), r.reshape(passes, per_pass)))
+    maps = maps.reshape(passes * per_pass, band_rows, full_width)[:items]
     return maps.reshape(batch, bands * band_rows, full_width)[:, :height, :width]
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from bagjax.models.anchornet import (RECEPTIVE_FIELDS, STRIDE, anchornet, grid_size, image_logits, pool_logits,
                                      training_loss)
+from bagjax.models import layers
 from bagjax.models.layers import SE_GATES, grouped_depthwise_conv, shifted_depthwise_conv
 from bagjax.models.macs import multiply_adds
 
@@ -233,3 +234,13 @@ def test_depthwise_conv_equals_grouped_convolution(kernel, stride):
              for f in (shifted_depthwise_conv, grouped_depthwise_conv)]
     for ours, theirs in zip(*grads):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_takes_the_shifted_form_in_bfloat16_on_every_platform():
+    """bf16 depthwise convs never lower to a grouped convolution (on an H100 its bf16 step compiles for minutes);
+    float32 keeps the per-platform choice, whose GPU branch is the grouped convolution."""
+    w = jnp.ones((3, 3, 1, 6))
+    for dtype, grouped in ((jnp.bfloat16, False), (jnp.float32, True)):
+        x = jnp.ones((1, 7, 7, 6), dtype)
+        exported = jax.export.export(jax.jit(layers.depthwise_conv), platforms=["cpu", "cuda"])(x, w.astype(dtype))
+        assert ("stablehlo.convolution" in exported.mlir_module()) == grouped, dtype

@@ -76,6 +76,18 @@ def test_stride1_heatmap_equals_per_pixel_patch_evaluation(name, size, head, chu
     np.testing.assert_allclose(single, heatmaps[1], atol=1e-5)
 
 
+def test_stride1_heatmaps_of_a_batch_share_passes_and_equal_one_image_at_a_time():
+    """Three images, two per pass (the last pass padded), give each image's own map with its own class."""
+    model, variables = _bagnet("bagnet9", "learned")
+    images = jax.random.normal(jax.random.key(2), (3, 24, 20, 3))
+    targets = [4, 0, 2]
+    image_pixels = 24 * 24  # whole output grids: 3 x 3 cells of 8 px
+    batched = interpret.stride1_heatmap(model, variables, images, targets, chunk_pixels=2 * image_pixels)
+    for image, target, heatmap in zip(images, targets, batched):
+        alone = interpret.stride1_heatmap(model, variables, image, target, chunk_pixels=image_pixels)
+        np.testing.assert_allclose(heatmap, alone, atol=1e-5)
+
+
 def test_class_evidence_is_the_class_channel_of_patch_logits():
     model, variables = _bagnet("bagnet17", "hadamard")
     images = jax.random.normal(jax.random.key(3), (3, 48, 40, 3))

@@ -59,12 +59,17 @@ def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> 
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-    """The faster of the two equal implementations on the platform the computation is lowered for.
+    """The faster of the two equal implementations for the dtype and the platform the computation is lowered for.
 
     On the CPU, XLA's grouped convolution, and above all its gradient, is slow: the shifted multiply-adds
     make AnchorNet's training step 3-4x faster there (``bench/depthwise.py``). On an H100 cuDNN's grouped
-    convolution wins (the shifted form is 0.88x), so every other platform uses it (only the H100 was measured).
+    convolution wins in float32 (the shifted form is 0.88x), so every other platform uses it there (only the
+    H100 was measured). In bfloat16 the grouped form's AnchorNet training step did not finish compiling in 128 s
+    on the H100 (224 px, batch 256), while the shifted one compiled and ran in 72 s, so half-precision inputs
+    take the shifted form on every platform.
     """
+    if jnp.dtype(x.dtype).itemsize < 4:
+        return shifted_depthwise_conv(x, kernel, stride)
     return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(shifted_depthwise_conv, stride=stride),
                                       default=functools.partial(grouped_depthwise_conv, stride=stride))
 
