@@ -26,11 +26,13 @@ from bagjax.workdir import load_trained  # noqa: E402
 
 
 def preprocess(path: str, config) -> np.ndarray:
-    """The eval preprocessing of the workdir's dataset, for one file."""
-    image = data.load_image_file(path)
-    if config.dataset.startswith("synthetic"):
-        from bagjax.data.preprocess import resize_full
+    """The eval preprocessing of the workdir's dataset, for one file: uint8 (JPEG draft mode for large photos)."""
+    from bagjax.data.preprocess import open_image, resize_full
 
+    if not os.path.isfile(path):
+        raise ValueError(f"unreadable image {path}: no such file")
+    image = open_image(path)
+    if config.dataset.startswith("synthetic"):
         return resize_full(image, config.image_size)
     return data.preprocess_for_eval(image, config.image_size, config.data.crop_fraction)
 
@@ -53,13 +55,15 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
     out_dir = pathlib.Path(out or pathlib.Path(workdir) / "predictions")
     out_dir.mkdir(parents=True, exist_ok=True)
     apply = jax.jit(lambda v, x: trained.model.apply(v, x, train=False))
+    normalize = jax.jit(data.normalize)  # uint8 to the device, normalized there
     results = []
     for path in images:
         try:
-            image = preprocess(path, trained.config)
+            pixels = preprocess(path, trained.config)
         except ValueError as e:
             print(f"{path}: skipped ({e})", file=sys.stderr)
             continue
+        image = normalize(pixels)
         outputs = apply(trained.variables, image[None])
         if isinstance(outputs, dict):  # AnchorNet
             from bagjax.models.anchornet import image_logits
@@ -75,7 +79,7 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
         heatmap = evidence_map(trained, image, int(top[0]), stride1)
         if heatmap is not None:
             target = out_dir / f"{pathlib.Path(path).stem}_heatmap.png"
-            interpret.save_heatmap_figure(target, image[None], heatmap[None], [f"evidence for {ranked[0][0]}"])
+            interpret.save_heatmap_figure(target, pixels[None], heatmap[None], [f"evidence for {ranked[0][0]}"])
             print(f"  heatmap: {target}")
     return results
 

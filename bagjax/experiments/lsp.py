@@ -203,7 +203,7 @@ def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] 
             offset += b
             if not keep.any():
                 break
-            images = jax.device_put(np.asarray(batch["image"], np.float32))
+            images = jax.jit(data.normalize)(batch["image"])  # uint8 to the device, normalized there
             labels = np.asarray(batch["label"])
             if forward is None:  # compiled once (eval batches share one shape); its cost over the batch size
                 forward = steps.forward.lower(a_vars, images).compile()
@@ -385,8 +385,8 @@ def lsp_markdown(rows: Sequence[dict[str, Any]], result: Mapping[str, Any], titl
 
 
 def _pixels(images: np.ndarray) -> np.ndarray:
-    """Normalized NHWC images back to [0, 1] RGB for display."""
-    return np.clip(images * np.asarray(data.STDDEV_RGB) + np.asarray(data.MEAN_RGB), 0.0, 1.0)
+    """uint8 NHWC eval images as [0, 1] RGB for display."""
+    return np.asarray(images, np.float32) / 255.0
 
 
 

@@ -70,13 +70,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optax update on a global batch; returns the new state and the batch's loss and accuracy."""
     train_bn = not config.freeze_backbone  # a frozen backbone keeps its BatchNorm statistics too
+    images = data.normalize(batch["image"])  # uint8 from the host, normalized on the device
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         if train_bn:
-            outputs, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+            outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
         else:
-            outputs, updates = model.apply(variables, batch["image"], train=False), {"batch_stats": state.batch_stats}
+            outputs, updates = model.apply(variables, images, train=False), {"batch_stats": state.batch_stats}
         loss, logits = loss_and_logits(config.model, outputs, batch["label"], config)
         return loss, (logits, updates["batch_stats"])
 
@@ -95,7 +96,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
     """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch."""
-    logits = eval_logits(config.model, model.apply(state.variables, batch["image"], train=False))
+    logits = eval_logits(config.model, model.apply(state.variables, data.normalize(batch["image"]), train=False))
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -358,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 return {**eval_metrics, "preempted": True}
         ckpt.wait()
     finally:
+        batches.close()  # a generator (data.train_batches): stops the input workers now
         bar.close()
         preemption.restore()
         writer.close()
@@ -381,9 +383,10 @@ def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names
     from bagjax import interpret
 
     batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
-    images = batch["image"][: config.heatmap_images]
+    pixels = batch["image"][: config.heatmap_images]
+    images = jax.jit(data.normalize)(pixels)
     predicted = np.asarray(jnp.argmax(model.apply(variables, images, train=False), -1))
     maps = interpret.stride1_heatmap(model, variables, images, predicted)
     titles = [f"true {class_names[t]} / pred {class_names[p]}" for t, p in zip(batch["label"], predicted)]
-    interpret.save_heatmap_figure(workdir / "heatmaps.png", images, maps, titles)
+    interpret.save_heatmap_figure(workdir / "heatmaps.png", pixels, maps, titles)
     print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
