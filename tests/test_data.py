@@ -1,9 +1,11 @@
 """bagjax.data on Grain: determinism contract, reads per process, exactly-once eval, odd images, offline errors."""
 
+import functools
 import io
 import logging
 import subprocess
 import sys
+import tempfile
 
 import jax
 import ml_collections
@@ -357,15 +359,15 @@ def test_tfds_offline_error_is_one_actionable_line(tmp_path, name):
         assert way_out in message
 
 
-def test_tfds_stream_contract_on_a_locally_built_dataset(tmp_path):
+@functools.cache  # TFDS registers a builder class by name, once per process.
+def tfds_builder():
+    """A TFDS builder of the tests' own: 11 train / 5 test PNG images, built offline (no download)."""
     tfds = pytest.importorskip('tensorflow_datasets')
     epath = pytest.importorskip('etils.epath')
 
     class BagjaxTestShapes(tfds.core.GeneratorBasedBuilder):
-        """11 train / 5 test images built offline in tmp_path."""
-
         VERSION = tfds.core.Version('1.0.0')
-        pkg_dir_path = epath.Path(tmp_path)  # No package metadata: a class defined in a test.
+        pkg_dir_path = epath.Path(tempfile.mkdtemp())  # No package metadata: a class defined in a test.
 
         def _info(self):
             return self.dataset_info_from_configs(
@@ -385,23 +387,55 @@ def test_tfds_stream_contract_on_a_locally_built_dataset(tmp_path):
             for i in range(n):
                 yield i, {'image': _rgb(rng, 20 + i, 30), 'label': i % 2}
 
-    cfg = make_config('tfds:bagjax_test_shapes', data_dir=str(tmp_path), eval_split='test')
+    return BagjaxTestShapes
+
+
+def test_tfds_tfrecord_is_refused_then_converted_by_prepare(tmp_path, monkeypatch, capsys):
+    tfds = pytest.importorskip('tensorflow_datasets')
+    from bagjax.data import prepare
+
+    data_dir = str(tmp_path / 'tfds')
+    tfds_builder()(data_dir=data_dir).download_and_prepare(file_format='tfrecord')
+    cfg = make_config('tfds:bagjax_test_shapes', data_dir=data_dir, eval_split='test')
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.dataset_info(cfg)
+    command = f'python -m bagjax.data.prepare tfds:bagjax_test_shapes --data_dir {data_dir}'
+    assert command in str(err.value) and '\n' not in str(err.value)
+    prepare.main(['tfds:bagjax_test_shapes', '--data_dir', data_dir])
+    assert 'converted 2 shard(s)' in capsys.readouterr().out
+    assert 'nothing to do' in prepare.prepare('bagjax_test_shapes', data_dir)
+
     cfg.eval_batch_size = 4
     info = data.dataset_info(cfg)
     assert (info.class_names, info.num_train, info.num_eval) == (('a', 'b'), 11, 5)
-    batches = check_train_contract(cfg, steps=7)  # 56 examples: five epochs of 11.
+    batches, reads = check_train_contract(cfg, monkeypatch, steps=7)  # 56 examples: five epochs of 11.
+    assert all(0 <= i < 11 for step in reads for i in step)
     labels = np.concatenate([b['label'] for b in batches])[:55]
     # Each epoch is a permutation of the 11 examples (6 label a, 5 label b).
     np.testing.assert_array_equal(labels.reshape(5, 11).sum(1), [5] * 5)
-    stored = tfds.builder('bagjax_test_shapes', data_dir=str(tmp_path)).as_dataset(split='test')
+    stored = tfds.builder('bagjax_test_shapes', data_dir=data_dir).as_dataset(split='test')
     expected = [(data.preprocess_for_eval(ex['image'], 32), ex['label']) for ex in tfds.as_numpy(stored)]
     for process_count in (1, 2):
         images, labels = collect_eval(cfg, process_count)
         np.testing.assert_array_equal(labels, [label for _, label in expected])
-        np.testing.assert_allclose(images, np.stack([image for image, _ in expected]))
+        np.testing.assert_array_equal(images, np.stack([image for image, _ in expected]))
     cfg.data.eval_split = 'train[50%:]'  # TFDS slicing: examples 6..10 of 11.
     assert data.dataset_info(cfg).num_eval == 5
     assert collect_eval(cfg, 2)[1].shape == (5,)
+
+
+def test_tfds_prepare_builds_array_record_directly(tmp_path):
+    pytest.importorskip('tensorflow_datasets')
+    from bagjax.data import prepare
+
+    builder = tfds_builder()
+    data_dir = str(tmp_path / 'tfds')
+    assert 'prepared bagjax_test_shapes in ArrayRecord' in prepare.prepare('bagjax_test_shapes', data_dir)
+    assert builder(data_dir=data_dir).info.file_format.value == 'array_record'
+    cfg = make_config('tfds:bagjax_test_shapes', data_dir=data_dir, eval_split='test[:3]')
+    assert data.dataset_info(cfg).num_eval == 3
+    batch = next(data.train_batches(cfg, process_index=0, process_count=1))
+    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
 
 
 def test_synthetic_pipeline_never_imports_tensorflow():

@@ -343,10 +343,10 @@ def _unavailable(name: str, error: BaseException) -> DatasetUnavailableError:
 
 def has_array_record(builder) -> bool:
     """Whether a prepared builder's files include ArrayRecord (Grain needs random access)."""
-    from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.core import dataset_info  # pylint: disable=g-import-not-at-top
 
-    formats = {builder.info.file_format, *builder.info.alternative_file_formats}
-    return file_adapters.FileFormat.ARRAY_RECORD in formats
+    info = dataset_info.read_proto_from_builder_dir(builder.data_dir)  # On disk: a conversion adds a format.
+    return 'array_record' in {info.file_format, *info.alternative_file_formats}
 
 
 def prepare_command(name: str, data_dir: str) -> str:
@@ -385,6 +385,7 @@ class TfdsSource:
                 f'{builder.info.file_format.value}, but the input pipeline reads ArrayRecord: run '
                 f'`{prepare_command(name, options.data_dir)}` once to convert it'
             )
+        builder = tfds.builder_from_directory(builder.data_dir)  # Its files' formats, as written on disk.
         self._builder = builder
         keys = builder.info.supervised_keys
         self._image_key, self._label_key = keys if keys else ('image', 'label')
