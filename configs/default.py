@@ -105,6 +105,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         config.model_kwargs.width = 8
         config.model_kwargs.stage_sizes = (1, 1, 1, 1)
     config.data.data_dir = ""
+    config.data.workers = 0               # in-process: starting worker processes costs more than 2 steps
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.schedule.warmup_epochs = 0.0

@@ -345,6 +345,74 @@ def test_imagefolder_missing_split_or_path(tmp_path):
         data.dataset_info(make_config(f'imagefolder:{tmp_path / "nope"}'))
 
 
+def test_imagefolder_needs_two_classes_and_no_empty_class_dir(tmp_path, caplog):
+    make_image_folder(tmp_path / 'one', np.random.default_rng(4), train_per_label=1, val_per_label=1,
+                      labels=('cat',))
+    with pytest.raises(ValueError, match='at least 2 classes') as err:
+        data.dataset_info(make_config(f'imagefolder:{tmp_path / "one"}', eval_split='val'))
+    assert '\n' not in str(err.value)
+    root = tmp_path / 'empty'
+    make_image_folder(root, np.random.default_rng(5), train_per_label=1, val_per_label=1)
+    (root / 'train' / 'owl').mkdir()
+    (root / 'val' / 'owl').mkdir()
+    (root / 'train' / 'owl' / 'notes.txt').write_text('not an image')
+    with pytest.raises(ValueError, match=r"label dir\(s\) \['owl'\] of split 'train' hold no") as err:
+        data.dataset_info(make_config(f'imagefolder:{root}', eval_split='val'))
+    assert '\n' not in str(err.value)
+    (root / 'train' / 'owl' / 'notes.txt').rename(root / 'train' / 'owl' / 'owl.jpg')
+    Image.fromarray(_rgb(np.random.default_rng(6), 30, 30)).save(root / 'train' / 'owl' / 'owl.jpg')
+    with caplog.at_level(logging.WARNING):  # An empty eval class dir: a warning, the class stays.
+        info = data.dataset_info(make_config(f'imagefolder:{root}', eval_split='val'))
+    assert info.class_names == LABELS + ('owl',) and info.num_eval == 3
+    assert "['owl'] of split 'val' hold no" in caplog.text
+
+
+def test_imagefolder_symlink_loop_is_a_one_line_error(tmp_path):
+    make_image_folder(tmp_path, np.random.default_rng(7), train_per_label=1, val_per_label=1)
+    (tmp_path / 'train' / 'loop').symlink_to(tmp_path / 'train' / 'loop')
+    with pytest.raises(ValueError, match="cannot read 'train/loop'.*symlink loop") as err:
+        data.dataset_info(make_config(f'imagefolder:{tmp_path}', eval_split='val'))
+    assert '\n' not in str(err.value)
+
+
+def test_jpeg_draft_mode_for_large_crops(tmp_path):
+    rng = np.random.default_rng(8)
+    smooth = Image.fromarray(_rgb(rng, 30, 40)).resize((1600, 1200), Image.BICUBIC)
+    smooth.save(tmp_path / 'big.jpg', quality=95)
+    full = preprocess.load_image_file(str(tmp_path / 'big.jpg'))
+    lazy = preprocess.open_image(str(tmp_path / 'big.jpg'))
+    out = preprocess.preprocess_for_train(lazy, np.random.default_rng(1), 64, scale=(0.5, 1.0), flip=False)
+    assert lazy.size[0] <= 800  # Decoded at 1/2 scale or less: every crop here is >= 8x the output.
+    reference = preprocess.preprocess_for_train(full, np.random.default_rng(1), 64, scale=(0.5, 1.0), flip=False)
+    assert out.dtype == np.uint8 and np.abs(out.astype(float) - reference).mean() < 2.0  # Same crop.
+    lazy = preprocess.open_image(str(tmp_path / 'big.jpg'))
+    out = data.preprocess_for_eval(lazy, 64)
+    assert lazy.size[0] <= 800
+    assert np.abs(out.astype(float) - data.preprocess_for_eval(full, 64)).mean() < 2.0
+    small = preprocess.open_image(str(tmp_path / 'big.jpg'))  # Crop < 2x the output: full decode.
+    preprocess.preprocess_for_eval(small, 1024)
+    assert small.size == (1600, 1200)
+
+
+def test_worker_processes_give_the_same_batches_and_survive_a_bad_file(tmp_path):
+    rng = np.random.default_rng(9)
+    make_image_folder(tmp_path, rng, train_per_label=3, val_per_label=2)
+    cfg = make_config(f'imagefolder:{tmp_path}', eval_split='val')
+    cfg.eval_batch_size = 4
+    in_process = take(data.train_batches(cfg, process_index=0, process_count=1), 3)
+    evaluated = list(data.eval_batches(cfg, process_index=0, process_count=1))
+    files = sources.get_source(sources.SourceOptions.from_config(cfg)).records('val').files
+    (tmp_path / 'val' / 'cat' / '0.jpg').write_bytes(b'broken after the scan')
+    bad = [i for i, (path, _) in enumerate(files) if path.endswith('cat/0.jpg')][0]
+    cfg.data.workers = 2
+    assert_batches_equal(in_process, take(data.train_batches(cfg, process_index=0, process_count=1), 3))
+    with_workers = list(data.eval_batches(cfg, process_index=0, process_count=1))
+    masks = concat(with_workers)['mask']
+    assert masks.sum() == 5 and not masks[bad]  # Left out of the evaluation, the pipeline goes on.
+    for k in ('image', 'label'):
+        np.testing.assert_array_equal(concat(with_workers)[k][masks], concat(evaluated)[k][masks])
+
+
 # ----------------------------------------------------------------- tfds
 
 
