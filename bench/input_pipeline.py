@@ -47,11 +47,13 @@ def write_jpegs(root: pathlib.Path, n: int, size: tuple[int, int] = (500, 375), 
 
 
 def pipeline_rate(config, batches: int) -> tuple[float, float]:
-    """(seconds to the first batch, i.e. start-up; images/s over the next `batches` batches)."""
+    """(seconds to the first batch, i.e. start-up; images/s over `batches` batches after every worker's first)."""
     start = time.perf_counter()
     it = data.train_batches(config, start_step=0, process_index=0, process_count=1)
     next(it)
     first = time.perf_counter() - start
+    for _ in range(2 * max(config.data.workers, 1) - 1):  # every worker running, its buffer filled once
+        next(it)
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
@@ -122,7 +124,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes (the baseline is 0)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images", type=int, default=384, help="500x375 JPEGs in the train split")
-    parser.add_argument("--batches", type=int, default=10, help="batches timed after the first")
+    parser.add_argument("--batches", type=int, default=40, help="batches timed after the warm-up")
     parser.add_argument("--photos", type=int, default=8, help="4000x3000 JPEGs for the draft-mode figure")
     parser.add_argument("--train-step", action="store_true", help="also time the BagNet-33 train step")
     parser.add_argument("--end-to-end", type=int, default=0, metavar="STEPS", help="also run train.py for STEPS")
