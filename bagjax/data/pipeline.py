@@ -18,7 +18,6 @@ core, 0: in this process); each worker builds whole batches, in order.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Iterator
