@@ -211,6 +211,7 @@ def blackout_step(model: nn.Module, schemes: Sequence[Scheme], mode: str) -> Cal
     """A jitted ``(variables, images, labels, valid, index) -> (correct (S,), loss (S,))``: one dense pass."""
 
     def step(variables, images, labels, valid, index):
+        images = data.normalize(images)  # uint8 eval batches, normalized on the device
         if mode == "patches":
             patch_logits = model.apply(variables, images, train=False, method="patch_logits")
             return patch_scheme_sums(patch_logits, labels, valid, index, schemes)

@@ -163,7 +163,7 @@ def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] 
             offset += b
             if not keep.any():
                 break
-            images = jax.device_put(np.asarray(batch["image"], np.float32))
+            images = jax.jit(data.normalize)(batch["image"])  # uint8 to the device, normalized there
             labels = np.asarray(batch["label"])
             if forward is None:  # compiled once (eval batches share one shape); its cost over the batch size
                 forward = steps.forward.lower(a_vars, images).compile()

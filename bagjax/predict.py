@@ -27,11 +27,13 @@ from bagjax.workdir import load_trained  # noqa: E402
 
 
 def preprocess(path: str, config) -> np.ndarray:
-    """The eval preprocessing of the workdir's dataset, for one file."""
-    image = data.load_image_file(path)
-    if config.dataset.startswith("synthetic"):
-        from bagjax.data.preprocess import resize_full
+    """The eval preprocessing of the workdir's dataset, for one file: uint8 (JPEG draft mode for large photos)."""
+    from bagjax.data.preprocess import open_image, resize_full
 
+    if not os.path.isfile(path):
+        raise ValueError(f"unreadable image {path}: no such file")
+    image = open_image(path)
+    if config.dataset.startswith("synthetic"):
         return resize_full(image, config.image_size)
     return data.preprocess_for_eval(image, config.image_size, config.data.crop_fraction)
 
@@ -63,14 +65,16 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
         raise PermissionError(f"cannot write heatmaps to {out_dir} ({e.strerror}): pass --out DIR, a writable "
                               "directory") from None
     apply = jax.jit(lambda v, x: trained.model.apply(v, x, train=False))
+    normalize = jax.jit(data.normalize)  # uint8 to the device, normalized there
     results = []
     stems: dict[str, int] = {}
     for path in images:
         try:
-            image = preprocess(path, trained.config)
+            pixels = preprocess(path, trained.config)
         except (ValueError, OSError) as e:
             print(f"{path}: skipped ({e})", file=sys.stderr)
             continue
+        image = normalize(pixels)
         outputs = apply(trained.variables, image[None])
         if isinstance(outputs, dict):  # AnchorNet
             from bagjax.models.anchornet import image_logits
@@ -88,7 +92,7 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
             stem = pathlib.Path(path).stem
             stems[stem] = stems.get(stem, 0) + 1  # a.png and other/a.png: a_heatmap.png and a-2_heatmap.png
             target = out_dir / f"{stem}{'' if stems[stem] == 1 else f'-{stems[stem]}'}_heatmap.png"
-            interpret.save_heatmap_figure(target, image[None], heatmap[None], [f"evidence for {ranked[0][0]}"])
+            interpret.save_heatmap_figure(target, pixels[None], heatmap[None], [f"evidence for {ranked[0][0]}"])
             print(f"  heatmap: {target}")
     return results
 

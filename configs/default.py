@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.crop_aspect_ratio = (3 / 4, 4 / 3)
     config.data.flip = True
     config.data.crop_fraction = 0.875     # eval: resize to image_size / crop_fraction, then center crop
-    config.data.shuffle_buffer = 16_384
+    config.data.workers = -1              # Grain worker processes decoding images: -1 = number of cores, 0 = in-process
     config.data.synthetic_train_size = 2000
     config.data.synthetic_eval_size = 500
     config.data.synthetic_image_size = 64
@@ -106,6 +106,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         config.model_kwargs.width = 8
         config.model_kwargs.stage_sizes = (1, 1, 1, 1)
     config.data.data_dir = ""
+    config.data.workers = 0               # in-process: starting worker processes costs more than 2 steps
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.schedule.warmup_epochs = 0.0

@@ -28,4 +28,5 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 10
     config.eval_every_steps = 100
     config.checkpoint_every_steps = 100
+    config.data.workers = 0               # in-process: 48 px images decode fast, worker start-up would cost more
     return default.with_arg(config, arg)

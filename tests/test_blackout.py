@@ -79,7 +79,7 @@ def test_channel_mode_equals_hand_masked_fc(smoke):
     _, _, trained = smoke
     model, variables = trained.model, trained.variables
     batch = _eval_batch(trained)
-    features = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, batch["image"])
+    features = jax.jit(lambda v, x: model.apply(v, data.normalize(x), method="features"))(variables, batch["image"])
     h = np.asarray(features).mean(axis=(1, 2))
     w = np.asarray(variables["params"]["head"]["kernel"])
     b = np.asarray(variables["params"]["head"]["bias"])

@@ -60,6 +60,7 @@ def _on_standin(config, images):
     config.data.train_split, config.data.eval_split = "train", "validation"
     config.init_from = ""
     config.batch_size = config.eval_batch_size = 2
+    config.data.workers = 0  # in-process: no worker processes per config
     return config, real_batch
 
 
@@ -73,7 +74,7 @@ def test_config_builds_its_full_model_and_traces_a_train_step(name, images, tmp_
     check_config(config, tmp_path, num_classes)
     batch = next(data.train_batches(config))
     size = config.image_size
-    assert batch["image"].shape == (2, size, size, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (2, size, size, 3) and batch["image"].dtype == np.uint8
     model = build_model(config, num_classes)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
     params, batch_stats = abstract["params"], abstract.get("batch_stats", {})
@@ -82,7 +83,7 @@ def test_config_builds_its_full_model_and_traces_a_train_step(name, images, tmp_
                                               opt_state=tx.init(params)))
     step = functools.partial(train_step, model=model, tx=tx, config=config)
     for b in (2, real_batch):
-        images_, labels = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)
+        images_, labels = jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32)
         new_state, metrics = jax.eval_shape(step, state, {"image": images_, "label": labels})
         assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state) == jax.tree.map(lambda a: (a.shape, a.dtype),
                                                                                     state)

@@ -1,18 +1,23 @@
-"""bagjax.data: determinism contract, exactly-once eval, odd images, offline errors."""
+"""bagjax.data on Grain: determinism contract, reads per process, exactly-once eval, odd images, offline errors."""
 
+import functools
 import io
 import logging
 import subprocess
 import sys
+import tempfile
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from bagjax import data
-from bagjax.data import order
+from bagjax.data import pipeline
 from bagjax.data import preprocess
+from bagjax.data import sources
+from bagjax.data import splits
 from bagjax.data import synthetic
 
 
@@ -31,7 +36,7 @@ def make_config(dataset='synthetic', **data_overrides):
             'crop_min_area': 0.08,
             'flip': True,
             'crop_fraction': 0.875,
-            'shuffle_buffer': 64,
+            'workers': 0,
             'synthetic_train_size': 40,
             'synthetic_eval_size': 13,
             'synthetic_image_size': 32,
@@ -57,18 +62,57 @@ def concat(batches):
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def check_train_contract(cfg, steps=7):
-    """Determinism, resume and 2-process slicing equality (order.py contract)."""
+class CountingRecords:
+    """A source's records that log every index read (to count what a process reads)."""
+
+    def __init__(self, records, log):
+        self.records, self.log = records, log
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        self.log.append(int(index))
+        return self.records[index]
+
+
+def count_reads(cfg, monkeypatch):
+    """Makes the (cached) source of cfg log the record indices it reads; returns that log."""
+    source = sources.get_source(sources.SourceOptions.from_config(cfg))
+    log = []
+    records = source.records
+    monkeypatch.setattr(source, 'records', lambda split: CountingRecords(records(split), log))
+    return log
+
+
+def check_train_contract(cfg, monkeypatch, steps=7):
+    """Determinism, resume, 2- and 4-process slicing equality, and what each process reads."""
     one = take(data.train_batches(cfg, process_index=0, process_count=1), steps)
     again = take(data.train_batches(cfg, process_index=0, process_count=1), steps)
     assert_batches_equal(one, again)
     resumed = take(data.train_batches(cfg, start_step=steps - 2, process_index=0, process_count=1), 2)
     assert_batches_equal(one[steps - 2:], resumed)
-    halves = [take(data.train_batches(cfg, process_index=p, process_count=2), steps) for p in (0, 1)]
-    for step in range(steps):
-        assert halves[0][step]['image'].shape[0] == cfg.batch_size // 2
-        assert_batches_equal([one[step]], [concat([halves[0][step], halves[1][step]])])
-    return one
+    for process_count in (2, 4):
+        parts = [take(data.train_batches(cfg, process_index=p, process_count=process_count), steps)
+                 for p in range(process_count)]
+        for step in range(steps):
+            assert parts[0][step]['image'].shape[0] == cfg.batch_size // process_count
+            assert_batches_equal([one[step]], [concat([part[step] for part in parts])])
+    # Reads: a resumed process reads only its own share of its own steps, nothing before.
+    log = count_reads(cfg, monkeypatch)
+    global_order = []
+    for step in (steps - 2, steps - 1):
+        reads = []
+        for p in range(2):
+            log.clear()
+            batch = pipeline.train_dataset(cfg, start_step=step, process_index=p, process_count=2)[0]
+            assert len(log) == cfg.batch_size // 2 == len(batch['label'])
+            reads += log
+        global_order.append(reads)
+        log.clear()
+        pipeline.train_dataset(cfg, start_step=step, process_index=0, process_count=1)[0]
+        assert log == reads  # The two halves are the global batch, in order.
+    return one, global_order
 
 
 def collect_eval(cfg, process_count):
@@ -93,28 +137,39 @@ def collect_eval(cfg, process_count):
 # ----------------------------------------------------------------- synthetic
 
 
-def test_synthetic_batches_shapes_normalization_and_contract():
+def test_synthetic_batches_shapes_normalization_and_contract(monkeypatch):
     cfg = make_config()
-    batches = check_train_contract(cfg)
+    batches, _ = check_train_contract(cfg, monkeypatch)
     batch = batches[0]
-    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
-    unit = batch['image'] * np.asarray(data.STDDEV_RGB) + np.asarray(data.MEAN_RGB)
-    assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5 and unit.std() > 0.05
+    normalized = np.asarray(jax.jit(data.normalize)(batch['image']))  # What the jitted steps do.
+    np.testing.assert_allclose(normalized, preprocess.normalize(batch['image']), rtol=1e-6, atol=1e-6)
+    unit = normalized * np.asarray(data.STDDEV_RGB) + np.asarray(data.MEAN_RGB)
+    np.testing.assert_allclose(unit, batch['image'] / 255.0, atol=1e-5)
     assert data.MEAN_RGB == (0.485, 0.456, 0.406) and data.STDDEV_RGB == (0.229, 0.224, 0.225)
 
 
-def test_synthetic_epoch_is_a_balanced_permutation():
+def epoch_reads(cfg, monkeypatch, epoch, steps_per_epoch):
+    log = count_reads(cfg, monkeypatch)
+    for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+        pipeline.train_dataset(cfg, start_step=step, process_index=0, process_count=1)[0]
+    return list(log)
+
+
+def test_synthetic_each_epoch_is_a_permutation_keyed_by_seed(monkeypatch):
     cfg = make_config()  # 40 train examples, 10 classes, batch 8: 5 steps = one epoch.
     info = data.dataset_info(cfg)
     assert (info.num_classes, info.num_train, info.num_eval, info.num_skipped) == (10, 40, 13, 0)
     assert info.class_names[:2] == ('hstripes', 'vstripes')
-    epoch = order.epoch_permutation(cfg.seed, 0, 40)
-    np.testing.assert_array_equal(np.sort(epoch), np.arange(40))
+    epochs = [epoch_reads(cfg, monkeypatch, e, 5) for e in range(3)]
+    for epoch in epochs:
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(40))
+    assert epochs[0] != epochs[1] != epochs[2]
     labels = np.concatenate([b['label'] for b in take(data.train_batches(cfg, process_index=0, process_count=1), 5)])
     np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, 4))
-    assert not np.array_equal(epoch, order.epoch_permutation(cfg.seed, 1, 40))
-    assert not np.array_equal(epoch, order.epoch_permutation(cfg.seed + 1, 0, 40))
+    cfg.seed += 1
+    assert epoch_reads(cfg, monkeypatch, 0, 5) != epochs[0]
 
 
 def test_synthetic_generation_is_deterministic_with_boxes():
@@ -135,7 +190,7 @@ def test_synthetic_eval_exactly_once_with_padding(process_count):
     split = synthetic.load_split('default', 'validation', 13, 32)
     np.testing.assert_array_equal(labels, split.labels)
     expected = np.stack([preprocess.resize_full(im, 32) for im in split.images])
-    np.testing.assert_allclose(images, expected)
+    np.testing.assert_array_equal(images, expected)
 
 
 def test_synthetic_tiny_variant_and_slicing():
@@ -154,14 +209,14 @@ def test_bad_specs_and_batches_are_one_line_errors():
     with pytest.raises(ValueError, match='multiple of the process count'):
         next(data.train_batches(make_config(), process_index=0, process_count=3))
     with pytest.raises(ValueError, match='bad split'):
-        order.parse_split('train[:70%')
+        splits.parse_split('train[:70%')
 
 
 def test_split_slicing_matches_tfds_rounding():
-    assert order.parse_split('train[:70%]').bounds(3670) == (0, 2569)
-    assert order.parse_split('train[70%:90%]').bounds(3670) == (2569, 3303)
-    assert order.parse_split('train[-10:]').bounds(100) == (90, 100)
-    assert order.parse_split('validation').bounds(7) == (0, 7)
+    assert splits.parse_split('train[:70%]').bounds(3670) == (0, 2569)
+    assert splits.parse_split('train[70%:90%]').bounds(3670) == (2569, 3303)
+    assert splits.parse_split('train[-10:]').bounds(100) == (90, 100)
+    assert splits.parse_split('validation').bounds(7) == (0, 7)
 
 
 # ----------------------------------------------------------------- preprocessing
@@ -182,11 +237,11 @@ def test_preprocess_for_eval_resize_then_center_crop():
     ramp = np.broadcast_to(np.arange(400, dtype=np.float64) * 255 / 399, (300, 400))
     image = np.stack([ramp, np.full((300, 400), 128.0), np.zeros((300, 400))], -1).astype(np.uint8)
     out = data.preprocess_for_eval(image, 224)
-    assert out.shape == (224, 224, 3) and out.dtype == np.float32
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
     # Shorter side 300 -> 256, width 341, center crop keeps columns 58..282 of 341.
-    red = out[..., 0] * 0.229 + 0.485
+    red = out[..., 0] / 255.0
     assert abs(red[:, 0].mean() - 58 / 340) < 0.01 and abs(red[:, -1].mean() - 281 / 340) < 0.01
-    np.testing.assert_allclose(out[..., 1], (128 / 255 - 0.456) / 0.224, atol=1e-5)
+    np.testing.assert_array_equal(out[..., 1], 128)
     with pytest.raises(ValueError, match='crop_fraction'):
         data.preprocess_for_eval(image, 224, crop_fraction=0.0)
 
@@ -208,8 +263,7 @@ def test_eval_preprocessing_equals_torchs_antialiased_resize_and_center_crop(hei
                                               antialias=True)[0].permute(1, 2, 0).numpy()
     top, left = int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0))
     expected = resized[top:top + 224, left:left + 224]
-    got = data.preprocess_for_eval(image, 224) * np.array(preprocess.STDDEV_RGB) * 255 \
-        + np.array(preprocess.MEAN_RGB) * 255  # back to grey levels
+    got = data.preprocess_for_eval(image, 224).astype(np.float64)  # uint8 grey levels
     assert got.shape == expected.shape == (224, 224, 3)
     difference = np.abs(got - expected)
     assert difference.max() <= 1.01 and difference.mean() < 0.4, (difference.max(), difference.mean())
@@ -274,12 +328,12 @@ def test_load_image_file_converts_odd_modes(tmp_path):
         assert '\n' not in str(err.value)
 
 
-def test_imagefolder_skips_and_reports_unreadable_files(tmp_path, caplog):
+def test_imagefolder_skips_and_reports_unreadable_files(tmp_path, caplog, monkeypatch):
     rng = np.random.default_rng(1)
     make_image_folder(tmp_path, rng)
     unreadable = add_odd_images(tmp_path, rng)
     cfg = make_config(f'imagefolder:{tmp_path}', eval_split='val', crop_min_area=0.2)
-    cfg.batch_size, cfg.eval_batch_size, cfg.image_size = 6, 4, 24
+    cfg.batch_size, cfg.eval_batch_size, cfg.image_size = 8, 4, 24
     with caplog.at_level(logging.WARNING):
         info = data.dataset_info(cfg)
     assert info.class_names == LABELS and info.num_classes == 3
@@ -287,8 +341,8 @@ def test_imagefolder_skips_and_reports_unreadable_files(tmp_path, caplog):
     warnings = ' '.join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert 'skipped 3 unreadable' in warnings and 'garbage.jpg' in warnings
     assert 'skipped 1 unreadable' in warnings and 'broken.png' in warnings
-    batches = check_train_contract(cfg, steps=4)  # 4 * 6 > 14: crosses an epoch boundary.
-    assert batches[0]['image'].shape == (6, 24, 24, 3)
+    batches, _ = check_train_contract(cfg, monkeypatch, steps=4)  # 4 * 8 > 14: crosses epoch boundaries.
+    assert batches[0]['image'].shape == (8, 24, 24, 3)
     for process_count in (1, 2):
         images, labels = collect_eval(cfg, process_count)
         assert images.shape == (6, 24, 24, 3)
@@ -313,6 +367,74 @@ def test_imagefolder_missing_split_or_path(tmp_path):
         data.dataset_info(make_config(f'imagefolder:{tmp_path / "nope"}'))
 
 
+def test_imagefolder_needs_two_classes_and_no_empty_class_dir(tmp_path, caplog):
+    make_image_folder(tmp_path / 'one', np.random.default_rng(4), train_per_label=1, val_per_label=1,
+                      labels=('cat',))
+    with pytest.raises(ValueError, match='at least 2 classes') as err:
+        data.dataset_info(make_config(f'imagefolder:{tmp_path / "one"}', eval_split='val'))
+    assert '\n' not in str(err.value)
+    root = tmp_path / 'empty'
+    make_image_folder(root, np.random.default_rng(5), train_per_label=1, val_per_label=1)
+    (root / 'train' / 'owl').mkdir()
+    (root / 'val' / 'owl').mkdir()
+    (root / 'train' / 'owl' / 'notes.txt').write_text('not an image')
+    with pytest.raises(ValueError, match=r"label dir\(s\) \['owl'\] of split 'train' hold no") as err:
+        data.dataset_info(make_config(f'imagefolder:{root}', eval_split='val'))
+    assert '\n' not in str(err.value)
+    (root / 'train' / 'owl' / 'notes.txt').rename(root / 'train' / 'owl' / 'owl.jpg')
+    Image.fromarray(_rgb(np.random.default_rng(6), 30, 30)).save(root / 'train' / 'owl' / 'owl.jpg')
+    with caplog.at_level(logging.WARNING):  # An empty eval class dir: a warning, the class stays.
+        info = data.dataset_info(make_config(f'imagefolder:{root}', eval_split='val'))
+    assert info.class_names == LABELS + ('owl',) and info.num_eval == 3
+    assert "['owl'] of split 'val' hold no" in caplog.text
+
+
+def test_imagefolder_symlink_loop_is_a_one_line_error(tmp_path):
+    make_image_folder(tmp_path, np.random.default_rng(7), train_per_label=1, val_per_label=1)
+    (tmp_path / 'train' / 'loop').symlink_to(tmp_path / 'train' / 'loop')
+    with pytest.raises(ValueError, match="cannot read 'train/loop'.*symlink loop") as err:
+        data.dataset_info(make_config(f'imagefolder:{tmp_path}', eval_split='val'))
+    assert '\n' not in str(err.value)
+
+
+def test_jpeg_draft_mode_for_large_crops(tmp_path):
+    rng = np.random.default_rng(8)
+    smooth = Image.fromarray(_rgb(rng, 30, 40)).resize((1600, 1200), Image.BICUBIC)
+    smooth.save(tmp_path / 'big.jpg', quality=95)
+    full = preprocess.load_image_file(str(tmp_path / 'big.jpg'))
+    lazy = preprocess.open_image(str(tmp_path / 'big.jpg'))
+    out = preprocess.preprocess_for_train(lazy, np.random.default_rng(1), 64, scale=(0.5, 1.0), flip=False)
+    assert lazy.size[0] <= 800  # Decoded at 1/2 scale or less: every crop here is >= 8x the output.
+    reference = preprocess.preprocess_for_train(full, np.random.default_rng(1), 64, scale=(0.5, 1.0), flip=False)
+    assert out.dtype == np.uint8 and np.abs(out.astype(float) - reference).mean() < 2.0  # Same crop.
+    lazy = preprocess.open_image(str(tmp_path / 'big.jpg'))
+    out = data.preprocess_for_eval(lazy, 64)
+    assert lazy.size[0] <= 800
+    assert np.abs(out.astype(float) - data.preprocess_for_eval(full, 64)).mean() < 2.0
+    small = preprocess.open_image(str(tmp_path / 'big.jpg'))  # Crop < 2x the output: full decode.
+    preprocess.preprocess_for_eval(small, 1024)
+    assert small.size == (1600, 1200)
+
+
+def test_worker_processes_give_the_same_batches_and_survive_a_bad_file(tmp_path):
+    rng = np.random.default_rng(9)
+    make_image_folder(tmp_path, rng, train_per_label=3, val_per_label=2)
+    cfg = make_config(f'imagefolder:{tmp_path}', eval_split='val')
+    cfg.eval_batch_size = 4
+    in_process = take(data.train_batches(cfg, process_index=0, process_count=1), 3)
+    evaluated = list(data.eval_batches(cfg, process_index=0, process_count=1))
+    files = sources.get_source(sources.SourceOptions.from_config(cfg)).records('val').files
+    (tmp_path / 'val' / 'cat' / '0.jpg').write_bytes(b'broken after the scan')
+    bad = [i for i, (path, _) in enumerate(files) if path.endswith('cat/0.jpg')][0]
+    cfg.data.workers = 2
+    assert_batches_equal(in_process, take(data.train_batches(cfg, process_index=0, process_count=1), 3))
+    with_workers = list(data.eval_batches(cfg, process_index=0, process_count=1))
+    masks = concat(with_workers)['mask']
+    assert masks.sum() == 5 and not masks[bad]  # Left out of the evaluation, the pipeline goes on.
+    for k in ('image', 'label'):
+        np.testing.assert_array_equal(concat(with_workers)[k][masks], concat(evaluated)[k][masks])
+
+
 # ----------------------------------------------------------------- tfds
 
 
@@ -327,15 +449,15 @@ def test_tfds_offline_error_is_one_actionable_line(tmp_path, name):
         assert way_out in message
 
 
-def test_tfds_stream_contract_on_a_locally_built_dataset(tmp_path):
+@functools.cache  # TFDS registers a builder class by name, once per process.
+def tfds_builder():
+    """A TFDS builder of the tests' own: 11 train / 5 test PNG images, built offline (no download)."""
     tfds = pytest.importorskip('tensorflow_datasets')
     epath = pytest.importorskip('etils.epath')
 
     class BagjaxTestShapes(tfds.core.GeneratorBasedBuilder):
-        """11 train / 5 test images built offline in tmp_path."""
-
         VERSION = tfds.core.Version('1.0.0')
-        pkg_dir_path = epath.Path(tmp_path)  # No package metadata: a class defined in a test.
+        pkg_dir_path = epath.Path(tempfile.mkdtemp())  # No package metadata: a class defined in a test.
 
         def _info(self):
             return self.dataset_info_from_configs(
@@ -355,23 +477,55 @@ def test_tfds_stream_contract_on_a_locally_built_dataset(tmp_path):
             for i in range(n):
                 yield i, {'image': _rgb(rng, 20 + i, 30), 'label': i % 2}
 
-    cfg = make_config('tfds:bagjax_test_shapes', data_dir=str(tmp_path), eval_split='test')
+    return BagjaxTestShapes
+
+
+def test_tfds_tfrecord_is_refused_then_converted_by_prepare(tmp_path, monkeypatch, capsys):
+    tfds = pytest.importorskip('tensorflow_datasets')
+    from bagjax.data import prepare
+
+    data_dir = str(tmp_path / 'tfds')
+    tfds_builder()(data_dir=data_dir).download_and_prepare(file_format='tfrecord')
+    cfg = make_config('tfds:bagjax_test_shapes', data_dir=data_dir, eval_split='test')
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.dataset_info(cfg)
+    command = f'python -m bagjax.data.prepare tfds:bagjax_test_shapes --data_dir {data_dir}'
+    assert command in str(err.value) and '\n' not in str(err.value)
+    prepare.main(['tfds:bagjax_test_shapes', '--data_dir', data_dir])
+    assert 'converted 2 shard(s)' in capsys.readouterr().out
+    assert 'nothing to do' in prepare.prepare('bagjax_test_shapes', data_dir)
+
     cfg.eval_batch_size = 4
     info = data.dataset_info(cfg)
     assert (info.class_names, info.num_train, info.num_eval) == (('a', 'b'), 11, 5)
-    batches = check_train_contract(cfg, steps=7)  # 56 examples: five epochs of 11.
+    batches, reads = check_train_contract(cfg, monkeypatch, steps=7)  # 56 examples: five epochs of 11.
+    assert all(0 <= i < 11 for step in reads for i in step)
     labels = np.concatenate([b['label'] for b in batches])[:55]
     # Each epoch is a permutation of the 11 examples (6 label a, 5 label b).
     np.testing.assert_array_equal(labels.reshape(5, 11).sum(1), [5] * 5)
-    stored = tfds.builder('bagjax_test_shapes', data_dir=str(tmp_path)).as_dataset(split='test')
+    stored = tfds.builder('bagjax_test_shapes', data_dir=data_dir).as_dataset(split='test')
     expected = [(data.preprocess_for_eval(ex['image'], 32), ex['label']) for ex in tfds.as_numpy(stored)]
     for process_count in (1, 2):
         images, labels = collect_eval(cfg, process_count)
         np.testing.assert_array_equal(labels, [label for _, label in expected])
-        np.testing.assert_allclose(images, np.stack([image for image, _ in expected]))
+        np.testing.assert_array_equal(images, np.stack([image for image, _ in expected]))
     cfg.data.eval_split = 'train[50%:]'  # TFDS slicing: examples 6..10 of 11.
     assert data.dataset_info(cfg).num_eval == 5
     assert collect_eval(cfg, 2)[1].shape == (5,)
+
+
+def test_tfds_prepare_builds_array_record_directly(tmp_path):
+    pytest.importorskip('tensorflow_datasets')
+    from bagjax.data import prepare
+
+    builder = tfds_builder()
+    data_dir = str(tmp_path / 'tfds')
+    assert 'prepared bagjax_test_shapes in ArrayRecord' in prepare.prepare('bagjax_test_shapes', data_dir)
+    assert builder(data_dir=data_dir).info.file_format.value == 'array_record'
+    cfg = make_config('tfds:bagjax_test_shapes', data_dir=data_dir, eval_split='test[:3]')
+    assert data.dataset_info(cfg).num_eval == 3
+    batch = next(data.train_batches(cfg, process_index=0, process_count=1))
+    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
 
 
 def test_synthetic_pipeline_never_imports_tensorflow():
@@ -380,7 +534,7 @@ def test_synthetic_pipeline_never_imports_tensorflow():
         'import sys, ml_collections as mc, bagjax.data as d\n'
         "c = mc.ConfigDict({'dataset': 'synthetic:tiny', 'image_size': 16, 'batch_size': 4, 'eval_batch_size': 4,"
         " 'seed': 0, 'data': {'data_dir': '', 'manual_dir': '', 'train_split': 'train', 'eval_split': 'validation',"
-        " 'crop_min_area': 0.08, 'flip': True, 'crop_fraction': 0.875, 'shuffle_buffer': 8,"
+        " 'crop_min_area': 0.08, 'flip': True, 'crop_fraction': 0.875, 'workers': 0,"
         " 'synthetic_train_size': 0, 'synthetic_eval_size': 0, 'synthetic_image_size': 0}})\n"
         'next(d.train_batches(c, process_index=0, process_count=1))\n'
         'list(d.eval_batches(c, process_index=0, process_count=1))\n'

@@ -239,7 +239,7 @@ def test_pgd_patch_attack_never_breaks_a_certified_image(smoke, defense, kwargs)
 
     _, trained, _ = smoke
     model, size, p = trained.model, int(trained.config.image_size), 4
-    batch = next(iter(data.eval_batches(trained.config, process_index=0, process_count=1)))["image"]
+    batch = data.normalize(next(iter(data.eval_batches(trained.config, process_index=0, process_count=1)))["image"])
     images = jnp.concatenate([batch, batch[:, ::-1]])  # 16 images
     labels = jnp.zeros(len(images), jnp.int32)
     window = robust.window_shape(model, p, size, size)
@@ -329,7 +329,7 @@ def test_clip_training_option_trains_on_clipped_bagnet_logits(smoke):
     assert trained.config.robust.clip == "cbn:1,0"
     correct = count = 0
     for batch in data.eval_batches(trained.config, process_index=0, process_count=1):
-        logits = patch_robustness._patch_logits(trained.model, trained.variables, jnp.asarray(batch["image"]))
+        logits = patch_robustness._patch_logits(trained.model, trained.variables, jnp.asarray(data.normalize(batch["image"])))
         clipped = robust.clipped_logits(logits, robust.parse_clip("cbn:1,0"))
         assert float(jnp.abs(clipped).max()) <= 1.0
         correct += int(np.sum((np.argmax(clipped, -1) == batch["label"]) & batch["mask"]))

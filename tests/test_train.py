@@ -148,10 +148,12 @@ def test_sigint_saves_and_exits_130_and_a_signal_during_start_up_says_what_happe
 def test_four_devices_match_one_device_loss_curve(tmp_path):
     """The same global batches on a 4-device mesh: losses agree to float32 reduction-order noise (rtol 1e-4).
 
-    SGD, because AdamW's normalisation magnifies rounding noise in parameters with tiny gradients (~4e-4 here).
+    SGD, because AdamW's normalisation magnifies rounding noise in parameters with tiny gradients (~4e-4 here), at
+    a learning rate where the loss does not jump (at 0.05 the Grain data order makes step 3 overshoot, which
+    amplifies the noise to 0.4 % by step 4).
     """
     args = ("--config.total_steps=4", "--config.log_every_steps=1", "--config.eval_every_steps=4",
-            "--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.05", "--config.heatmap_images=0")
+            "--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.02", "--config.heatmap_images=0")
     run_train("demo.py:smoke", tmp_path / "one", *args, devices=1)
     run_train("demo.py:smoke", tmp_path / "four", *args, devices=4)
     losses = [[m["train_loss"] for m in read_metrics(tmp_path / d) if "train_loss" in m] for d in ("one", "four")]

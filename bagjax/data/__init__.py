@@ -1,7 +1,8 @@
-"""Input pipeline: dataset specs, torchvision preprocessing, per-process batches.
+"""Input pipeline on Grain: dataset specs, torchvision preprocessing, per-process uint8 batches.
 
-Specs: `tfds:NAME[/CONFIG]`, `imagefolder:PATH` (PATH/<split>/<label>/*.jpg|png)
-and `synthetic[:VARIANT]` (the embedded motif dataset, synthetic.py).
+Specs: `tfds:NAME[/CONFIG]` (ArrayRecord, see prepare.py), `imagefolder:PATH`
+(PATH/<split>/<label>/*.jpg|png) and `synthetic[:VARIANT]` (the embedded motif
+dataset, synthetic.py). Batches are uint8; apply `normalize` on the device.
 """
 
 from bagjax.data.pipeline import DatasetInfo
@@ -10,6 +11,7 @@ from bagjax.data.pipeline import eval_batches
 from bagjax.data.pipeline import train_batches
 from bagjax.data.preprocess import load_image_file
 from bagjax.data.preprocess import MEAN_RGB
+from bagjax.data.preprocess import normalize
 from bagjax.data.preprocess import preprocess_for_eval
 from bagjax.data.preprocess import STDDEV_RGB
 from bagjax.data.sources import DatasetUnavailableError
@@ -22,6 +24,7 @@ __all__ = [
     'dataset_info',
     'eval_batches',
     'load_image_file',
+    'normalize',
     'preprocess_for_eval',
     'train_batches',
 ]

@@ -1,29 +1,40 @@
-"""Per-process train/eval batches for every source (the API of bagjax.data).
+"""Per-process train/eval batches on Grain (the API of bagjax.data).
 
-Batches are assembled by a thread pool that decodes and augments the examples
-of the next few steps ahead of time (PIL releases the GIL while decoding and
-resizing). The order and augmentation contract is in order.py.
+The contract (DESIGN.md, data): the GLOBAL batch of step s is a pure function
+of (seed, s) and the dataset, whatever the process count. In Grain terms:
+
+    stream = MapDataset.source(records).shuffle(seed).repeat()   # epoch e: a permutation keyed by (seed, e)
+    stream = stream.map(decode).random_map(augment, seed=seed)   # rng keyed by (seed, stream position)
+    mine = stream.batch(b)[p::P][start_step:]                    # b = B / P
+
+so global batch s is stream[s*B:(s+1)*B], process p decodes only its
+contiguous slice [s*B + p*b, s*B + (p+1)*b), and starting at a step is a
+slice: nothing before it is read. Batches are uint8 (normalization runs on
+the device, inside the jitted step: preprocess.normalize). Decoding and
+augmentation run in `config.data.workers` Grain worker processes (-1: one per
+core, 0: in this process); each worker builds whole batches, in order.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
-import itertools
+import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
+import grain
 import numpy as np
+from absl import flags
 
-from bagjax.data import order
 from bagjax.data import preprocess
 from bagjax.data import sources
 
-_PREFETCH_STEPS = 2
+logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
+
+_PREFETCH_BATCHES = 2  # Per worker (or in-process): batches decoded ahead of the train step.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,56 +64,160 @@ def dataset_info(config) -> DatasetInfo:
     )
 
 
-def _batches(
-        steps: Iterator[Sequence[Any]],
-        fn: Callable[[Any], tuple[np.ndarray, int]],
-        image_shape: tuple[int, int, int],
-        with_mask: bool,
-) -> Iterator[Batch]:
-    """Maps fn over the items of each step in a thread pool, keeping order.
+def resolve_processes(
+        process_index: int | None, process_count: int | None
+) -> tuple[int, int]:
+    """Defaults to jax.process_index() / jax.process_count() and checks the pair."""
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
 
-    An item None is padding: a zero image, label 0 and mask False, never decoded.
-    """
-    def run(item):
-        if item is None:
-            return np.zeros(image_shape, np.float32), 0
-        return fn(item)
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f'process_index {process_index} is out of range for process_count {process_count}'
+        )
+    return process_index, process_count
 
-    pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
-    pending: collections.deque = collections.deque()
-    done = object()
 
-    def fill():
-        while len(pending) <= _PREFETCH_STEPS:
-            items = next(steps, done)
-            if items is done:
-                return
-            pending.append((items, [pool.submit(run, item) for item in items]))
+def per_process(global_batch: int, process_count: int, what: str) -> int:
+    """The per-process share of a global batch; it must divide evenly."""
+    if global_batch <= 0 or global_batch % process_count:
+        raise ValueError(
+            f'{what}={global_batch} must be a positive multiple of the process count '
+            f'{process_count}'
+        )
+    return global_batch // process_count
 
-    try:
-        fill()
-        while pending:
-            items, futures = pending.popleft()
-            fill()
-            results = [f.result() for f in futures]
-            batch = {
-                'image': np.stack([image for image, _ in results]).astype(np.float32, copy=False),
-                'label': np.asarray([label for _, label in results], np.int32),
-            }
-            if with_mask:
-                batch['mask'] = np.asarray([item is not None for item in items], bool)
-            yield batch
-    finally:  # Cancel look-ahead work; no join (this may run at interpreter exit).
-        for _, futures in pending:
-            for future in futures:
-                future.cancel()
-        pool.shutdown(wait=False)
+
+def num_workers(config) -> int:
+    """config.data.workers, with -1 meaning one worker process per core."""
+    workers = int(config.data.get('workers', -1))
+    if workers < -1:
+        raise ValueError(f'data.workers={workers}: use -1 (one per core), 0 (in-process) or a count')
+    return (os.cpu_count() or 1) if workers == -1 else workers
+
+
+# Transforms: module-level callables, so the pipeline pickles into spawned worker processes.
+@dataclasses.dataclass(frozen=True)
+class _Augment:
+    """Decode + RandomResizedCrop + flip; a file that fails to decode becomes a black image (logged)."""
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip: bool
+
+    def __call__(self, record: sources.Record, rng: np.random.Generator) -> Batch:
+        image, label = record
+        try:
+            out = preprocess.preprocess_for_train(
+                sources.decode(image), rng, self.size, scale=self.scale, ratio=self.ratio, flip=self.flip
+            )
+        except ValueError as e:  # Changed on disk after the scan: never kill the pipeline.
+            logger.warning('%s; a black image takes its place', e)
+            out = np.zeros((self.size, self.size, 3), np.uint8)
+        return {'image': out, 'label': np.int32(label)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Evaluate:
+    """Decode + the eval transform of one position; padding and unreadable files get mask False."""
+
+    records: Any
+    size: int
+    center_crop: bool
+    crop_fraction: float
+
+    def __call__(self, position: int) -> Batch:
+        out = {'image': np.zeros((self.size, self.size, 3), np.uint8), 'label': np.int32(0), 'mask': False}
+        if position >= len(self.records):
+            return out
+        image, label = self.records[position]
+        try:
+            image = sources.decode(image)
+            if self.center_crop:
+                out['image'] = preprocess.preprocess_for_eval(image, self.size, self.crop_fraction)
+            else:
+                out['image'] = preprocess.resize_full(image, self.size)
+        except ValueError as e:  # Changed on disk after the scan: masked out, never fatal.
+            logger.warning('%s; left out of the evaluation', e)
+            return out
+        return {**out, 'label': np.int32(label), 'mask': True}
 
 
 def _train_scale(source, config) -> tuple[float, float]:
     if source.train_crop_scale is not None:
         return source.train_crop_scale
     return (float(config.data.crop_min_area), 1.0)
+
+
+def train_dataset(
+        config,
+        *,
+        start_step: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+) -> grain.MapDataset:
+    """This process's training batches of steps start_step, start_step + 1, ... (endless)."""
+    source = _source(config)
+    p, num_p = resolve_processes(process_index, process_count)
+    b = per_process(int(config.batch_size), num_p, 'batch_size')
+    seed, split = int(config.seed), config.data.train_split
+    records = source.records(split)
+    if len(records) == 0:
+        raise ValueError(f'dataset {config.dataset!r}: train split {split!r} has no examples')
+    augment = _Augment(
+        size=int(config.image_size),
+        scale=_train_scale(source, config),
+        ratio=tuple(config.data.get('crop_aspect_ratio', preprocess.CROP_ASPECT_RATIO)),
+        flip=bool(config.data.flip),
+    )
+    stream = grain.MapDataset.source(records).shuffle(seed=seed).repeat()
+    stream = stream.random_map(augment, seed=seed)
+    return stream.batch(b)[p::num_p][start_step:]
+
+
+def eval_dataset(
+        config,
+        *,
+        split: str | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+) -> grain.MapDataset:
+    """This process's eval batches: global batch k holds positions [k*B, (k+1)*B), padded past the end.
+
+    Every process gets ceil(N / B) batches (so SPMD eval never hangs) and the
+    slice [p*b, (p+1)*b) of each; positions >= N are padding (mask False).
+    """
+    source = _source(config)
+    p, num_p = resolve_processes(process_index, process_count)
+    global_batch = int(config.eval_batch_size)
+    b = per_process(global_batch, num_p, 'eval_batch_size')
+    records = source.records(config.data.eval_split if split is None else split)
+    num_batches = -(-len(records) // global_batch)
+    evaluate = _Evaluate(records, int(config.image_size), source.eval_center_crop,
+                         float(config.data.crop_fraction))
+    return grain.MapDataset.range(num_batches * global_batch).map(evaluate).batch(b)[p::num_p]
+
+
+def iterate(dataset: grain.MapDataset, workers: int) -> Iterator[Batch]:
+    """Batches of a MapDataset in order, built by `workers` processes (0: a thread of this process)."""
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES)
+    it = dataset.to_iter_dataset(read)
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():  # Grain reads absl flags when it starts workers (google/grain#1355).
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_PREFETCH_BATCHES)
+        )
+    iterator = iter(it)
+    try:
+        yield from iterator
+    finally:  # Stops the worker processes now rather than at garbage collection.
+        close = getattr(iterator, 'close', None)
+        if close is not None:
+            close()
 
 
 def train_batches(
@@ -114,50 +229,13 @@ def train_batches(
 ) -> Iterator[Batch]:
     """Endless per-process training batches for steps start_step, start_step + 1, ...
 
-    Yields {'image': float32 (b, S, S, 3) normalized, 'label': int32 (b,)} with
+    Yields {'image': uint8 (b, S, S, 3), 'label': int32 (b,)} with
     b = config.batch_size // process_count: this process's contiguous slice of
-    the global batch, which depends only on (config.seed, step) (order.py).
+    the global batch, which depends only on (config.seed, step) (module docstring).
     """
-    source = _source(config)
-    p, num_p = order.resolve_processes(process_index, process_count)
-    global_batch = int(config.batch_size)
-    b = order.per_process(global_batch, num_p, 'batch_size')
-    seed, size = int(config.seed), int(config.image_size)
-    split = config.data.train_split
-    n = source.num_examples(split)
-    if n == 0:
-        raise ValueError(f'dataset {config.dataset!r}: train split {split!r} has no examples')
-    scale = _train_scale(source, config)
-    ratio = tuple(config.data.get('crop_aspect_ratio', preprocess.CROP_ASPECT_RATIO))
-    flip = bool(config.data.flip)
-    mine = slice(p * b, (p + 1) * b)
-
-    def augment(image, step: int, position: int) -> np.ndarray:
-        rng = order.augment_rng(seed, step, position)
-        return preprocess.preprocess_for_train(image, rng, size, scale=scale, ratio=ratio, flip=flip)
-
-    if source.indexed:
-        def steps():
-            for step in itertools.count(start_step):
-                indices = order.train_indices(seed, n, global_batch, step)[mine]
-                yield [(int(i), step, p * b + j) for j, i in enumerate(indices)]
-
-        def load(item):
-            index, step, position = item
-            image, label = source.load(split, index)
-            return augment(image, step, position), label
-    else:
-        def steps():
-            stream = source.train_stream(split, seed, start_step * global_batch)
-            for step in itertools.count(start_step):
-                records = list(itertools.islice(stream, global_batch))[mine]
-                yield [(rec, step, p * b + j) for j, rec in enumerate(records)]
-
-        def load(item):
-            (encoded, label), step, position = item
-            return augment(source.decode(encoded), step, position), label
-
-    yield from _batches(steps(), load, (size, size, 3), with_mask=False)
+    dataset = train_dataset(config, start_step=start_step, process_index=process_index,
+                            process_count=process_count)
+    return iterate(dataset, num_workers(config))
 
 
 def eval_batches(
@@ -169,43 +247,7 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """One pass over the eval split: every example exactly once over all processes.
 
-    Global eval batch k holds examples [k*B, (k+1)*B) in the split's order; this
-    process gets the slice [p*b, (p+1)*b). The last batch is padded (mask False),
-    and every process yields ceil(N / B) batches, so SPMD eval never hangs.
+    Yields {'image': uint8, 'label': int32, 'mask': bool}; see eval_dataset.
     """
-    source = _source(config)
-    p, num_p = order.resolve_processes(process_index, process_count)
-    global_batch = int(config.eval_batch_size)
-    b = order.per_process(global_batch, num_p, 'eval_batch_size')
-    size = int(config.image_size)
-    split = config.data.eval_split if split is None else split
-    n = source.num_examples(split)
-    crop_fraction = float(config.data.crop_fraction)
-
-    def transform(image) -> np.ndarray:
-        if source.eval_center_crop:
-            return preprocess.preprocess_for_eval(image, size, crop_fraction)
-        return preprocess.resize_full(image, size)
-
-    plan = order.eval_positions(n, global_batch, b, p)
-    if source.indexed:
-        def steps():
-            for indices, mask in plan:
-                yield [int(i) if m else None for i, m in zip(indices, mask)]
-
-        def load(index):
-            image, label = source.load(split, index)
-            return transform(image), label
-    else:
-        def steps():
-            stream = source.records(split)
-            for _, mask in plan:
-                records = list(itertools.islice(stream, global_batch))
-                records += [None] * (global_batch - len(records))
-                yield [rec if m else None for rec, m in zip(records[p * b:(p + 1) * b], mask)]
-
-        def load(record):
-            encoded, label = record
-            return transform(source.decode(encoded)), label
-
-    yield from _batches(steps(), load, (size, size, 3), with_mask=True)
+    dataset = eval_dataset(config, split=split, process_index=process_index, process_count=process_count)
+    return iterate(dataset, min(num_workers(config), len(dataset)))

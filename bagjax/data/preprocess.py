@@ -7,7 +7,12 @@ for evaluation Resize(S / crop_fraction) then CenterCrop(S) (BagNet paper
 Sec. 3 trains and evaluates with this standard ImageNet recipe).
 
 Everything here is numpy + PIL (no TensorFlow), so it runs on machines without
-TF and the same code serves training, evaluation and `bagjax.predict`.
+TF and the same code serves training, evaluation and `bagjax.predict`. The
+transforms return uint8 images: the normalization runs on the device, inside
+the jitted step (`normalize` works on numpy and JAX arrays alike). A JPEG that
+is still unloaded (`open_image`) is decoded in draft mode (DCT-domain
+downscaling by 2, 4 or 8) when the region kept is at least twice the output
+size, as for large photos.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ _INV_STD = 1.0 / (np.asarray(STDDEV_RGB, np.float32) * 255.0)
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
 
-def normalize(image_uint8: np.ndarray) -> np.ndarray:
-    """uint8 HWC RGB -> float32 (x / 255 - mean) / std, the torchvision normalization."""
+def normalize(image_uint8):
+    """uint8 ...HWC RGB -> float32 (x / 255 - mean) / std, the torchvision normalization.
+
+    Takes numpy or JAX arrays (call it inside jit: uint8 crosses to the device).
+    """
     return (image_uint8.astype(np.float32) - _MEAN) * _INV_STD
 
 
@@ -51,6 +59,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert('RGB')
 
 
+def _unreadable(name: str, error: Exception) -> ValueError:
+    detail = ' '.join(str(error).split()) or type(error).__name__
+    return ValueError(f'unreadable image {name}: {detail}')
+
+
+def open_image(source: str | bytes) -> Image.Image:
+    """Opens a file path or encoded bytes without decoding the pixels (header only).
+
+    The transforms below decode it, in JPEG draft mode where that is exact enough.
+    Raises ValueError (one line) when the header is not an image's.
+    """
+    name = source if isinstance(source, str) else '<bytes>'
+    try:
+        image = Image.open(source if isinstance(source, str) else io.BytesIO(source))
+    except Exception as e:  # PIL raises many exception types for bad files.
+        raise _unreadable(name, e) from e
+    image.info['bagjax_name'] = name
+    return image
+
+
 def open_rgb(source: str | bytes, *, draft_size: int | None = None) -> Image.Image:
     """Decodes a file path or encoded bytes into a loaded RGB PIL image.
 
@@ -68,8 +96,7 @@ def open_rgb(source: str | bytes, *, draft_size: int | None = None) -> Image.Ima
             image.load()
             return to_rgb(image)
     except Exception as e:  # PIL raises many exception types for bad files.
-        detail = ' '.join(str(e).split()) or type(e).__name__
-        raise ValueError(f'unreadable image {name}: {detail}') from e
+        raise _unreadable(name, e) from e
 
 
 def load_image_file(path: str) -> np.ndarray:
@@ -79,8 +106,19 @@ def load_image_file(path: str) -> np.ndarray:
     return np.asarray(open_rgb(path), dtype=np.uint8)
 
 
-def _as_pil(image: np.ndarray | Image.Image) -> Image.Image:
+def _as_pil(
+        image: np.ndarray | Image.Image, draft: tuple[int, int] | None = None
+) -> Image.Image:
+    """A loaded RGB PIL image; an unloaded JPEG is decoded at the smallest DCT scale >= draft (w, h)."""
     if isinstance(image, Image.Image):
+        if getattr(image, 'fp', None) is not None:  # Opened, pixels not yet decoded.
+            try:
+                if draft is not None and image.format == 'JPEG':
+                    image.draft(image.mode, draft)
+                image.load()
+            except Exception as e:  # PIL raises many exception types for bad files.
+                image.close()
+                raise _unreadable(image.info.get('bagjax_name', '<image>'), e) from e
         return to_rgb(image)
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
@@ -132,20 +170,26 @@ def preprocess_for_train(
         ratio: tuple[float, float] = CROP_ASPECT_RATIO,
         flip: bool = True,
 ) -> np.ndarray:
-    """RandomResizedCrop(image_size, scale, ratio) + optional horizontal flip + normalize.
+    """RandomResizedCrop(image_size, scale, ratio) + optional horizontal flip, uint8 out.
 
     PIL's resize with a source box crops and resizes (bilinear, antialiased) in
-    one step, like torchvision's PIL backend.
+    one step, like torchvision's PIL backend. The crop box is drawn on the full
+    image size (known from the header); a JPEG whose crop is >= 2x image_size
+    is decoded at reduced scale and the box scaled with it.
     """
-    pil = _as_pil(image)
-    top, left, h, w = random_resized_crop_box(rng, pil.height, pil.width, scale, ratio)
+    width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
+    top, left, h, w = random_resized_crop_box(rng, height, width, scale, ratio)
+    draft = (math.ceil(width * image_size / w), math.ceil(height * image_size / h))
+    pil = _as_pil(image, draft)
+    sx, sy = pil.width / width, pil.height / height
     out = pil.resize(
-        (image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h)
+        (image_size, image_size), Image.BILINEAR,
+        box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy),
     )
     array = np.asarray(out, dtype=np.uint8)
     if flip and rng.random() < 0.5:
         array = array[:, ::-1]
-    return normalize(array)
+    return np.ascontiguousarray(array)
 
 
 def preprocess_for_eval(
@@ -153,33 +197,34 @@ def preprocess_for_eval(
         image_size: int,
         crop_fraction: float = 0.875,
 ) -> np.ndarray:
-    """Resize the shorter side to floor(image_size / crop_fraction), center crop, normalize.
+    """Resize the shorter side to floor(image_size / crop_fraction), center crop; uint8 out.
 
     Matches torchvision Resize(256) + CenterCrop(224) for image_size 224.
     """
     if not 0.0 < crop_fraction <= 1.0:
         raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction}')
-    pil = _as_pil(image_uint8_hwc)
+    image = image_uint8_hwc
     short = int(math.floor(image_size / crop_fraction + 1e-6))
-    width, height = pil.size
+    width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
     if width <= height:
         new_w, new_h = short, int(short * height / width)
     else:
         new_w, new_h = int(short * width / height), short
-    if (new_w, new_h) != (width, height):
+    pil = _as_pil(image, (new_w, new_h))
+    if (new_w, new_h) != pil.size:
         pil = pil.resize((new_w, new_h), Image.BILINEAR)
     top = int(round((new_h - image_size) / 2.0))
     left = int(round((new_w - image_size) / 2.0))
     pil = pil.crop((left, top, left + image_size, top + image_size))
-    return normalize(np.asarray(pil, dtype=np.uint8))
+    return np.asarray(pil, dtype=np.uint8)
 
 
 def resize_full(image: np.ndarray | Image.Image, image_size: int) -> np.ndarray:
-    """Resize the whole image to image_size x image_size (no crop) and normalize.
+    """Resize the whole image to image_size x image_size (no crop); uint8 out.
 
     Used for evaluating the synthetic set, whose evidence can sit at the border.
     """
-    pil = _as_pil(image)
+    pil = _as_pil(image, (image_size, image_size))
     if pil.size != (image_size, image_size):
         pil = pil.resize((image_size, image_size), Image.BILINEAR)
-    return normalize(np.asarray(pil, dtype=np.uint8))
+    return np.asarray(pil, dtype=np.uint8)

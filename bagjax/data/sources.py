@@ -1,13 +1,13 @@
 """Dataset sources behind the specs `synthetic[:VARIANT]`, `imagefolder:PATH`, `tfds:NAME[/CONFIG]`.
 
-Two kinds of source:
-- indexed (synthetic, imagefolder): random access by example index, so every
-    process reads only its own share and a resume skips examples for free;
-- streamed (tfds): a deterministic record stream (fixed file order plus a
-    seeded shuffle buffer per epoch); every process reads the serialized records
-    of each global batch but decodes only its own slice.
-Images leave a source as RGB (PIL image or uint8 array); preprocessing lives
-in preprocess.py and is the same for all sources.
+Every source gives random access: `records(split)` is a Grain data source (len
+and __getitem__) of small picklable records (image, label), where image is a
+uint8 array (synthetic), a file path (imagefolder) or encoded bytes (tfds,
+read from ArrayRecord through tfds.data_source). Reading record i touches only
+example i, so every process reads only its own examples and a resume reads
+nothing before its step. `decode` turns a record's image into an array or an
+opened, not yet decoded, PIL image; preprocess.py decodes and transforms it
+(in Grain worker processes), the same for all sources.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from bagjax.data import order
 from bagjax.data import preprocess
+from bagjax.data import splits
 from bagjax.data import synthetic
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,60 @@ _DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 
 
 class DatasetUnavailableError(RuntimeError):
-    """A tfds dataset cannot be found or prepared (typically: offline)."""
+    """A tfds dataset cannot be found or prepared (typically: offline), or is not in ArrayRecord."""
+
+
+Record = tuple[Any, int]  # (uint8 HWC array | file path | encoded bytes, label)
+
+
+def decode(image: Any) -> np.ndarray | Image.Image:
+    """A record's image as an array, or a PIL image opened but not decoded (see preprocess)."""
+    if isinstance(image, (str, bytes)):
+        return preprocess.open_image(image)
+    return image
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArrayRecords:
+    """Examples held in memory (synthetic): images (N, H, W, 3) uint8 and labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.images[index], int(self.labels[index])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FileRecords:
+    """Image files (imagefolder): (path, label) pairs."""
+
+    files: tuple[tuple[str, int], ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.files[index]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsRecords:
+    """A tfds.data_source split (ArrayRecord) whose images are left encoded."""
+
+    source: Any
+    image_key: str
+    label_key: str
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Record:
+        example = self.source[index]
+        return example[self.image_key], int(example[self.label_key])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +104,6 @@ class SourceOptions:
     manual_dir: str
     train_split: str
     eval_split: str
-    shuffle_buffer: int
     synthetic_train_size: int
     synthetic_eval_size: int
     synthetic_image_size: int
@@ -65,7 +117,6 @@ class SourceOptions:
             manual_dir=str(data.manual_dir),
             train_split=str(data.train_split),
             eval_split=str(data.eval_split),
-            shuffle_buffer=int(data.shuffle_buffer),
             synthetic_train_size=int(data.synthetic_train_size),
             synthetic_eval_size=int(data.synthetic_eval_size),
             synthetic_image_size=int(data.synthetic_image_size),
@@ -93,9 +144,8 @@ def _get_source(options: SourceOptions):
 
 
 class SyntheticSource:
-    """The embedded motif dataset (synthetic.py), indexed."""
+    """The embedded motif dataset (synthetic.py), held in memory."""
 
-    indexed = True
     eval_center_crop = False  # Motifs may sit at the border: eval resizes the whole image.
     # Random crops keep >= 70% of the image: motifs stay in view and near their eval scale.
     train_crop_scale = (0.7, 1.0)
@@ -109,7 +159,7 @@ class SyntheticSource:
         self.image_size = self._variant.image_size or options.synthetic_image_size
 
     def _split(self, split: str) -> tuple[synthetic.SyntheticSplit, int, int]:
-        spec = order.parse_split(split)
+        spec = splits.parse_split(split)
         n = synthetic.split_size(
             self._variant,
             spec.name,
@@ -123,9 +173,9 @@ class SyntheticSource:
         _, lo, hi = self._split(split)
         return hi - lo
 
-    def load(self, split: str, index: int) -> tuple[np.ndarray, int]:
-        data, lo, _ = self._split(split)
-        return data.images[lo + index], int(data.labels[lo + index])
+    def records(self, split: str) -> ArrayRecords:
+        data, lo, hi = self._split(split)
+        return ArrayRecords(data.images[lo:hi], data.labels[lo:hi])
 
     def boxes(self, split: str, index: int) -> np.ndarray:
         """Motif boxes (M, 4) as (y0, x0, y1, x1) in native synthetic pixels."""
@@ -133,8 +183,19 @@ class SyntheticSource:
         return data.boxes[lo + index]
 
 
-def _list_dirs(path: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+def _list_dirs(path: str, root: str) -> list[str]:
+    """Sorted sub-directory names; a symlink loop or unreadable entry is a one-line error."""
+    names = []
+    for entry in os.scandir(path):
+        try:
+            if entry.is_dir():
+                names.append(entry.name)
+        except OSError as e:
+            raise ValueError(
+                f"imagefolder '{root}': cannot read '{os.path.relpath(entry.path, root)}' "
+                f'({e.strerror}, e.g. a symlink loop): remove or fix it'
+            ) from None
+    return sorted(names)
 
 
 def _check_readable(path: str) -> str | None:
@@ -147,7 +208,7 @@ def _check_readable(path: str) -> str | None:
 
 
 class ImageFolderSource:
-    """PATH/<split>/<label>/*.{jpg,jpeg,png}, indexed.
+    """PATH/<split>/<label>/*.{jpg,jpeg,png}, one record per readable file.
 
     Mirrors tfds.folder_dataset.ImageFolder: splits are the sub-directories,
     files are matched by extension (case-insensitive), listed in sorted
@@ -157,10 +218,11 @@ class ImageFolderSource:
     aborts the pipeline) and merges the labels of all splits; here the class
     mapping is the sorted label dirs of the train split and every other split
     must have the same label dirs. Each file is decoded once by a scan (PIL,
-    threads); unreadable ones are skipped, counted and reported.
+    threads); unreadable ones are skipped, counted and reported. The train
+    split needs at least 2 classes, and a label dir without images is an error
+    there (a warning in other splits): it would be a class nothing can teach.
     """
 
-    indexed = True
     eval_center_crop = True
     train_crop_scale = None  # From config.data.crop_min_area.
 
@@ -170,17 +232,19 @@ class ImageFolderSource:
             raise ValueError(
                 f"imagefolder path '{self.root}' is not a directory: expected PATH/<split>/<label>/*.jpg"
             )
-        self._splits = _list_dirs(self.root)
-        self._train_name = order.parse_split(options.train_split).name
+        self._splits = _list_dirs(self.root, self.root)
+        self._train_name = splits.parse_split(options.train_split).name
         self.class_names = tuple(self._labels_of(self._train_name))
-        if not self.class_names:
+        if len(self.class_names) < 2:
             raise ValueError(
-                f"imagefolder '{self.root}': train split '{self._train_name}' has no label directories"
+                f"imagefolder '{self.root}': train split '{self._train_name}' has "
+                f'{len(self.class_names)} label directory(ies) {list(self.class_names)}; a classifier '
+                'needs at least 2 classes: add PATH/<split>/<label>/ folders'
             )
         self._files: dict[str, tuple[tuple[str, int], ...]] = {}
         self._skipped: dict[str, int] = {}
         for split in (options.train_split, options.eval_split):
-            self._readable(order.parse_split(split).name)
+            self._readable(splits.parse_split(split).name)
 
     @property
     def num_skipped(self) -> int:
@@ -192,7 +256,7 @@ class ImageFolderSource:
             raise ValueError(
                 f"imagefolder '{self.root}' has no split directory '{split_name}': found {self._splits}"
             )
-        return _list_dirs(os.path.join(self.root, split_name))
+        return _list_dirs(os.path.join(self.root, split_name), self.root)
 
     def _readable(self, split_name: str) -> tuple[tuple[str, int], ...]:
         if split_name in self._files:
@@ -206,14 +270,25 @@ class ImageFolderSource:
                 f"'{self._train_name}' (missing {missing}, extra {extra}); the class mapping is the "
                 'sorted label dirs of the train split, so give every split the same label dirs'
             )
-        examples = []
+        examples, empty = [], []
         for label_id, label in enumerate(labels):
             label_dir = os.path.join(self.root, split_name, label)
-            examples.extend(
+            files = [
                 (os.path.join(label_dir, f), label_id)
                 for f in sorted(os.listdir(label_dir))
                 if f.lower().endswith(IMAGE_EXTENSIONS)
+            ]
+            examples.extend(files)
+            if not files:
+                empty.append(label)
+        if empty:
+            message = (
+                f"imagefolder '{self.root}': label dir(s) {empty} of split '{split_name}' hold no "
+                f'{"/".join(IMAGE_EXTENSIONS)} files'
             )
+            if split_name == self._train_name:
+                raise ValueError(f'{message}: add images or remove the empty dirs')
+            logger.warning('%s: those classes are not evaluated', message)
         random.Random(split_name).shuffle(examples)
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             problems = list(pool.map(_check_readable, [path for path, _ in examples]))
@@ -231,7 +306,7 @@ class ImageFolderSource:
         return readable
 
     def _slice(self, split: str) -> tuple[tuple[tuple[str, int], ...], int, int]:
-        spec = order.parse_split(split)
+        spec = splits.parse_split(split)
         files = self._readable(spec.name)
         lo, hi = spec.bounds(len(files))
         return files, lo, hi
@@ -240,10 +315,9 @@ class ImageFolderSource:
         _, lo, hi = self._slice(split)
         return hi - lo
 
-    def load(self, split: str, index: int) -> tuple[Image.Image, int]:
-        files, lo, _ = self._slice(split)
-        path, label = files[lo + index]
-        return preprocess.open_rgb(path), label
+    def records(self, split: str) -> FileRecords:
+        files, lo, hi = self._slice(split)
+        return FileRecords(files[lo:hi])
 
 
 @contextlib.contextmanager
@@ -267,22 +341,33 @@ def _unavailable(name: str, error: BaseException) -> DatasetUnavailableError:
     )
 
 
-class TfdsSource:
-    """tfds:NAME[/CONFIG] through tfds.builder, streamed (see module docstring)."""
+def has_array_record(builder) -> bool:
+    """Whether a prepared builder's files include ArrayRecord (Grain needs random access)."""
+    from tensorflow_datasets.core import dataset_info  # pylint: disable=g-import-not-at-top
 
-    indexed = False
+    info = dataset_info.read_proto_from_builder_dir(builder.data_dir)  # On disk: a conversion adds a format.
+    return 'array_record' in {info.file_format, *info.alternative_file_formats}
+
+
+def prepare_command(name: str, data_dir: str) -> str:
+    """The command that converts a prepared TFDS dataset to ArrayRecord (bagjax/data/prepare.py)."""
+    return f'python -m bagjax.data.prepare tfds:{name}' + (f' --data_dir {data_dir}' if data_dir else '')
+
+
+class TfdsSource:
+    """tfds:NAME[/CONFIG] through tfds.data_source (ArrayRecord): random access by index.
+
+    A dataset that is not prepared is downloaded and prepared in ArrayRecord;
+    one prepared in TFRecord only must be converted once with `prepare_command`.
+    """
+
     eval_center_crop = True
     train_crop_scale = None
 
     def __init__(self, name: str, options: SourceOptions):
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-        with contextlib.suppress(RuntimeError):  # Keep TF off accelerators JAX uses.
-            tf.config.set_visible_devices([], 'GPU')
-        self._tf, self._tfds = tf, tfds
         self.name = name
-        self._shuffle_buffer = options.shuffle_buffer
         try:
             builder = tfds.builder(name, data_dir=options.data_dir or None, try_gcs=False)
         except Exception as e:  # DatasetNotFoundError, bad config, registry errors.
@@ -291,9 +376,16 @@ class TfdsSource:
             config = tfds.download.DownloadConfig(manual_dir=options.manual_dir or None)
             try:
                 with _socket_timeout(_DOWNLOAD_SOCKET_TIMEOUT_S):
-                    builder.download_and_prepare(download_config=config)
+                    builder.download_and_prepare(download_config=config, file_format='array_record')
             except Exception as e:  # Network, checksum, manual-dir and import errors alike.
                 raise _unavailable(name, e) from None
+        if not has_array_record(builder):
+            raise DatasetUnavailableError(
+                f'tfds dataset {name!r} in {builder.data_dir} is stored as '
+                f'{builder.info.file_format.value}, but the input pipeline reads ArrayRecord: run '
+                f'`{prepare_command(name, options.data_dir)}` once to convert it'
+            )
+        builder = tfds.builder_from_directory(builder.data_dir)  # Its files' formats, as written on disk.
         self._builder = builder
         keys = builder.info.supervised_keys
         self._image_key, self._label_key = keys if keys else ('image', 'label')
@@ -306,46 +398,21 @@ class TfdsSource:
         self.num_skipped = 0
 
     def num_examples(self, split: str) -> int:
+        return len(self.records(split))
+
+    @functools.lru_cache(maxsize=4)
+    def records(self, split: str) -> TfdsRecords:
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
         try:
-            return int(self._builder.info.splits[split].num_examples)
+            source = self._builder.as_data_source(
+                split=split,
+                decoders={self._image_key: tfds.decode.SkipDecoding()},
+                file_format='array_record',
+            )
         except (KeyError, ValueError):
             raise ValueError(
                 f'tfds dataset {self.name!r} has no split {split!r}: '
                 f'available {list(self._builder.info.splits)}'
             ) from None
-
-    def records(self, split: str, *, shuffle_seed: int | None = None, skip: int = 0) -> Iterator[tuple[bytes, int]]:
-        """Encoded images and labels of one pass over split, in a fixed order."""
-        tf, tfds = self._tf, self._tfds
-        ds = self._builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            decoders={self._image_key: tfds.decode.SkipDecoding()},
-        )
-        ds = ds.map(lambda ex: (ex[self._image_key], ex[self._label_key]))
-        if shuffle_seed is not None:
-            ds = ds.shuffle(self._shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        options = tf.data.Options()
-        options.deterministic = True
-        ds = ds.skip(skip).prefetch(tf.data.AUTOTUNE).with_options(options)
-        for image, label in ds.as_numpy_iterator():
-            yield image, int(label)
-
-    def train_stream(self, split: str, seed: int, start: int) -> Iterator[tuple[bytes, int]]:
-        """The endless training stream from global position `start` (epochs concatenated).
-
-        Epoch e is the split shuffled by a buffer seeded with (seed, e); skipping to
-        `start` reads but does not decode the skipped records.
-        """
-        n = self.num_examples(split)
-        if n == 0:
-            raise ValueError(f'tfds dataset {self.name!r}: split {split!r} is empty')
-        epoch, offset = divmod(start, n)
-        while True:
-            shuffle_seed = int(np.random.SeedSequence([2, seed, epoch]).generate_state(1)[0])
-            yield from self.records(split, shuffle_seed=shuffle_seed, skip=offset)
-            epoch, offset = epoch + 1, 0
-
-    @staticmethod
-    def decode(encoded: bytes) -> Image.Image:
-        return preprocess.open_rgb(encoded)
+        return TfdsRecords(source, self._image_key, self._label_key)

@@ -143,8 +143,8 @@ def lsp_markdown(rows: Sequence[dict[str, Any]], result: Mapping[str, Any], titl
 
 
 def _pixels(images: np.ndarray) -> np.ndarray:
-    """Normalized NHWC images back to [0, 1] RGB for display."""
-    return np.clip(images * np.asarray(data.STDDEV_RGB) + np.asarray(data.MEAN_RGB), 0.0, 1.0)
+    """uint8 NHWC eval images as [0, 1] RGB for display."""
+    return np.asarray(images, np.float32) / 255.0
 
 
 

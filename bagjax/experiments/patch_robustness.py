@@ -127,7 +127,7 @@ def run_robustness(model, variables, config, sizes: Sequence[tuple[str, int]], d
             offset += b
             if not valid.any():
                 break
-            images = jnp.asarray(batch["image"], jnp.float32)
+            images = jax.jit(data.normalize)(batch["image"])  # uint8 to the device, normalized there
             labels = jnp.asarray(batch["label"], jnp.int32)
             patch_logits = _patch_logits(model, variables, images)
             attack_rows = np.flatnonzero(valid & (index < attack_examples))

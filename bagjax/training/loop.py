@@ -86,14 +86,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optax update on a global batch; returns the new state and the batch's loss and accuracy."""
     train_bn = not config.freeze_backbone  # a frozen backbone keeps its BatchNorm statistics too
+    images = data.normalize(batch["image"])  # uint8 from the host, normalized on the device
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         if train_bn:
-            outputs, updates = robust.apply_model(model, variables, batch["image"], config, train=True,
+            outputs, updates = robust.apply_model(model, variables, images, config, train=True,
                                                   mutable=["batch_stats"])
         else:
-            outputs = robust.apply_model(model, variables, batch["image"], config, train=False)
+            outputs = robust.apply_model(model, variables, images, config, train=False)
             updates = {"batch_stats": state.batch_stats}
         loss, logits = loss_and_logits(config.model, outputs, batch["label"], config)
         return loss, (logits, updates["batch_stats"])
@@ -113,7 +114,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
     """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch."""
-    logits = eval_logits(config.model, robust.apply_model(model, state.variables, batch["image"], config, train=False))
+    logits = eval_logits(config.model, robust.apply_model(model, state.variables, data.normalize(batch["image"]), config,
+                                                          train=False))
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -401,6 +403,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
                 return {**eval_metrics, "preempted": True, "signal": preemption.signum}
         ckpt.wait()
     finally:
+        batches.close()  # a generator (data.train_batches): stops the input workers now
         bar.close()
         preemption.restore()
         writer.close()
@@ -424,9 +427,10 @@ def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names
     from bagjax import interpret
 
     batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
-    images = batch["image"][: config.heatmap_images]
+    pixels = batch["image"][: config.heatmap_images]
+    images = jax.jit(data.normalize)(pixels)
     predicted = np.asarray(jnp.argmax(model.apply(variables, images, train=False), -1))
     maps = interpret.stride1_heatmap(model, variables, images, predicted)
     titles = [f"true {class_names[t]} / pred {class_names[p]}" for t, p in zip(batch["label"], predicted)]
-    interpret.save_heatmap_figure(workdir / "heatmaps.png", images, maps, titles)
+    interpret.save_heatmap_figure(workdir / "heatmaps.png", pixels, maps, titles)
     print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
