@@ -230,6 +230,7 @@ BAD_VALUES = {  # override -> the start of its one-line error (bagjax.training.c
     "data.crop_fraction=1.5": "data.crop_fraction=1.5 must be in (0, 1]",
     "dtype=float8": "dtype='float8' is not a supported compute dtype",
     "num_classes=1": "num_classes=1 must be at least 2",
+    "data.workers=-2": "data.workers=-2 must be -1 (one per core)",
 }
 
 

@@ -80,7 +80,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     ratio = tuple(config.data.crop_aspect_ratio)
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
         _fail("data.crop_aspect_ratio", ratio, "must be (low, high) with 0 < low <= high", "'(0.75,1.333)'")
-    for key, example in (("data.shuffle_buffer", 16384), ("data.synthetic_train_size", 2000),
+    workers = config.data.workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
+        _fail("data.workers", workers, "must be -1 (one per core), 0 (in-process) or a number of processes", 2)
+    for key, example in (("data.synthetic_train_size", 2000),
                          ("data.synthetic_eval_size", 500), ("data.synthetic_image_size", 64)):
         _positive_int(config, key, example)
     if config.dtype not in DTYPES:
