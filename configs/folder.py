@@ -12,8 +12,10 @@ once and prints what it chose:
   size (bag-of-features needs a bag); image size at least its receptive field;
 - model size: narrow and shallow for small sets (< 10,000 images: width 16, one block a stage; < 100,000:
   width 32, two blocks), the paper's BagNet above;
-- augmentation: small images (< 64 px) keep at least 35% of the image in their random crop and are evaluated
-  uncropped (a 0.08 crop of a 32 px image is a few pixels); larger ones use the ImageNet recipe;
+- augmentation: small images (< 64 px) get CIFAR-like crops that keep at least 64% of the area (80% of the side)
+  and are evaluated uncropped (a 0.08 crop of a 32 px image is a few pixels); larger ones use the ImageNet
+  recipe. Grayscale sets (every sampled image in a gray mode) are taken for symbols or handwriting, whose mirror
+  image is another symbol, and are not flipped;
 - batch size: a power of two near 1/20 of the train set, 16 to 256; epochs: 30 for a thousand images, fewer
   for larger sets (``30 * sqrt(1000 / n)``, 6 to 30); AdamW with cosine decay, evaluated 5 times.
 
@@ -36,6 +38,7 @@ EVAL_SPLITS = ("validation", "val", "test")
 SIZE_SAMPLE = 256  # images whose size is read (headers only) for the typical size
 MIN_GRID = 3  # patches a side
 SMALL_IMAGE = 64  # px: below this, gentler crops
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
 
 
 def _dirs(path: str) -> list[str]:
@@ -59,18 +62,19 @@ def scan(root: str) -> dict:
         raise ValueError(f"{train} needs a directory of .jpg/.png images per class (found {len(classes)} class "
                          f"directories, {len(files)} images)")
     sample = files[:: max(len(files) // SIZE_SAMPLE, 1)][:SIZE_SAMPLE]
-    sides = []
+    sides, gray = [], []
     for f in sample:
         try:
             with Image.open(f) as image:
                 sides.append(min(image.size))
+                gray.append(image.mode in GRAY_MODES)
         except OSError:  # unreadable files are skipped (and reported) by the input pipeline
             continue
     if not sides:
         raise ValueError(f"none of the {len(sample)} images sampled in {train} can be read: check the files")
     eval_split = next((s for s in EVAL_SPLITS if os.path.isdir(os.path.join(root, s))), None)
     return {"root": root, "classes": classes, "num_train": len(files), "eval_split": eval_split,
-            "typical_size": int(statistics.median(sides))}
+            "typical_size": int(statistics.median(sides)), "grayscale": all(gray)}
 
 
 def recipe(config, found: dict):
@@ -98,7 +102,8 @@ def recipe(config, found: dict):
     config.dataset = f"imagefolder:{found['root']}"
     config.num_classes = -1  # the label directories
     if config.image_size < SMALL_IMAGE:
-        config.data.crop_min_area, config.data.crop_fraction = 0.35, 1.0
+        config.data.crop_min_area, config.data.crop_fraction = 0.64, 1.0
+    config.data.flip = not found["grayscale"]
     config.batch_size = min(max(2 ** int(math.log2(max(n / 20, 1))), 16), 256)
     config.eval_batch_size = 250
     config.num_epochs = float(min(max(round(30 * math.sqrt(1000 / n)), 6), 30))
@@ -115,7 +120,7 @@ def recipe(config, found: dict):
     print(f"folder recipe for {found['root']}: {len(found['classes'])} classes, {n} train images "
           f"(eval: {config.data.eval_split}), typical size {found['typical_size']} px -> {config.model} "
           f"(receptive field {rf} px, width {width}, blocks {stages}) at {config.image_size} px, crops keep >= "
-          f"{config.data.crop_min_area:.0%}, batch {config.batch_size}, {config.num_epochs:.0f} epochs "
+          f"{config.data.crop_min_area:.0%}{'' if config.data.flip else ', no flips (grayscale)'}, batch {config.batch_size}, {config.num_epochs:.0f} epochs "
           f"({steps} steps), precise BN over {config.precise_bn.num_batches} batches", flush=True)
     return config
 

@@ -178,7 +178,7 @@ def test_folder_recipe_follows_the_data(digits):
     config = folder.get_config(str(digits))
     assert (config.model, config.image_size, config.dataset) == ("bagnet17", 40, f"imagefolder:{digits}")
     assert (config.data.train_split, config.data.eval_split) == ("train", "validation")
-    assert config.data.crop_min_area == 0.35 and config.batch_size == 64
+    assert config.data.crop_min_area == 0.64 and not config.data.flip and config.batch_size == 64
     with pytest.raises(ValueError, match="train/<label>"):
         folder.get_config(str(digits / "train"))
 
