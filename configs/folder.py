@@ -16,8 +16,9 @@ once and prints what it chose:
   and are evaluated uncropped (a 0.08 crop of a 32 px image is a few pixels); larger ones use the ImageNet
   recipe. Grayscale sets (every sampled image in a gray mode) are taken for symbols or handwriting, whose mirror
   image is another symbol, and are not flipped;
-- batch size: a power of two near 1/20 of the train set, 16 to 256; epochs: 30 for a thousand images, fewer
-  for larger sets (``30 * sqrt(1000 / n)``, 6 to 30); AdamW with cosine decay, evaluated 5 times.
+- batch size: a power of two near 1/20 of the train set, 16 to 256; epochs: 14 for 1,500 images, more for
+  smaller sets and fewer for larger ones (``14 * sqrt(1500 / n)``, 5 to 30); AdamW with cosine decay,
+  evaluated 5 times.
 
 Every choice can be overridden (``--config.num_epochs=50``, ``--config.data.flip=False`` for images whose
 mirror image means something else). ``configs/folder.py:smoke`` runs two steps on tiny synthetic data.
@@ -106,7 +107,7 @@ def recipe(config, found: dict):
     config.data.flip = not found["grayscale"]
     config.batch_size = min(max(2 ** int(math.log2(max(n / 20, 1))), 16), 256)
     config.eval_batch_size = 250
-    config.num_epochs = float(min(max(round(30 * math.sqrt(1000 / n)), 6), 30))
+    config.num_epochs = float(min(max(round(14 * math.sqrt(1500 / n)), 5), 30))
     steps = max(n // config.batch_size, 1) * int(config.num_epochs)
     config.eval_every_steps = max(steps // 5, 1)
     config.checkpoint_every_steps = config.eval_every_steps
@@ -121,7 +122,8 @@ def recipe(config, found: dict):
           f"(eval: {config.data.eval_split}), typical size {found['typical_size']} px -> {config.model} "
           f"(receptive field {rf} px, width {width}, blocks {stages}) at {config.image_size} px, crops keep >= "
           f"{config.data.crop_min_area:.0%}{'' if config.data.flip else ', no flips (grayscale)'}, batch {config.batch_size}, {config.num_epochs:.0f} epochs "
-          f"({steps} steps), precise BN over {config.precise_bn.num_batches} batches", flush=True)
+          f"({steps} steps), precise BN over {config.precise_bn.num_batches} batches; change any with --config.KEY=VALUE",
+          flush=True)
     return config
 
 
