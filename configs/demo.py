@@ -19,14 +19,14 @@ def get_config(arg: str | None = None):
     config.model_kwargs.stage_sizes = (1, 1, 1, 1)
     config.batch_size = 64
     config.eval_batch_size = 250
-    config.num_epochs = 8.0  # 248 steps
+    config.num_epochs = 10.0  # 310 steps
     config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 3e-3
     config.optimizer.weight_decay = 1e-4
     config.schedule.name = "cosine"
     config.schedule.warmup_epochs = 1.0
     config.log_every_steps = 10
-    config.eval_every_steps = 125
-    config.checkpoint_every_steps = 125
+    config.eval_every_steps = 155
+    config.checkpoint_every_steps = 155
     config.precise_bn.num_batches = 16  # 1,024 images, half the train set
     return default.with_arg(config, arg)
