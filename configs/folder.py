@@ -123,9 +123,9 @@ def recipe(config, found: dict):
     print(f"folder recipe for {found['root']}: {len(found['classes'])} classes, {n} train images "
           f"(eval: {config.data.eval_split}), typical size {found['typical_size']} px -> {config.model} "
           f"(receptive field {rf} px, width {width}, blocks {stages}) at {config.image_size} px, crops keep >= "
-          f"{config.data.crop_min_area:.0%}{'' if config.data.flip else ', no flips (grayscale)'}, batch {config.batch_size}, {config.num_epochs:.0f} epochs "
-          f"({steps} steps), precise BN over {config.precise_bn.num_batches} batches; change any with --config.KEY=VALUE",
-          flush=True)
+          f"{config.data.crop_min_area:.0%}{'' if config.data.flip else ', no flips (grayscale)'}, "
+          f"batch {config.batch_size}, {config.num_epochs:.0f} epochs ({steps} steps), precise BN over "
+          f"{config.precise_bn.num_batches} batches; change any with --config.KEY=VALUE", flush=True)
     return config
 
 

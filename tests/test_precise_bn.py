@@ -71,8 +71,9 @@ def test_statistics_are_the_equal_weight_average_of_the_batch_moments():
     moments = [precise_bn.batch_moments(state, b, model=model) for b in batches]
     want = jax.tree.map(lambda *m: sum(m) / 3, *moments)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got, want)
-    stem = moments[0]["bn1"]  # the stem BN's first batch: plain numpy moments of its input
-    assert stem["mean"].shape == (8,) and not np.allclose(moments[0]["bn1"]["var"], moments[1]["bn1"]["var"])
+    # The stem BN has one moment per channel, and different batches give different moments.
+    assert moments[0]["bn1"]["mean"].shape == (8,)
+    assert not np.allclose(moments[0]["bn1"]["var"], moments[1]["bn1"]["var"])
 
 
 # The loop's precise-BN call (loop.train_and_evaluate: p_bn_accumulate) on a 1-D mesh over all devices.
