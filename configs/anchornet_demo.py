@@ -8,9 +8,11 @@ AnchorNet needs at least 111 px (its largest branch; grids 7x7, 3x3 and 1x1 at 1
 synthetic images are rendered at 56 px and upscaled 2x, so the class motifs are 22-30 px against the 63/95/111
 px patches; at their native 11-15 px in a 112 px render the motifs cover ~1.5% of the image and a short run
 does not find them. The BagNet demo sees the motifs at 1x (48 px renders at 48 px), hence ``--input-scale 0.5``
-for the lsp command. BatchNorm momentum is 0.9 instead of torchvision's 0.99: in a run of 620 steps the
-feature scales keep changing (AdamW on the small depthwise kernels), a 100-step running average lags behind
-them, and eval mode then collapses to one class while train mode is fine.
+for the lsp command. BatchNorm keeps torchvision's momentum 0.99: in a run of 620 steps the feature scales
+keep changing (AdamW on the small depthwise kernels) and a 100-step running average lags behind them, but
+precise BN recomputes the statistics before every evaluation, so eval mode matches train mode. (With precise
+BN off, ``--config.precise_bn.num_batches=0``, eval mode collapses to one class unless
+``--config.model_kwargs.bn_momentum=0.9``.)
 ``configs/anchornet_demo.py:smoke`` runs two steps at 112 px.
 """
 
@@ -25,7 +27,7 @@ def get_config(arg: str | None = None):
     config.data.synthetic_image_size = 56  # upscaled 2x: 22-30 px motifs in a 112 px image
     config.model = "anchornet"
     # se_size 'expansion' (MobileNetV3's SE, 2.53M parameters at 1000 classes): the README's demo numbers use it.
-    config.model_kwargs = ml_collections.ConfigDict({"pooling": "sum", "bn_momentum": 0.9, "se_size": "expansion"})
+    config.model_kwargs = ml_collections.ConfigDict({"pooling": "sum", "bn_momentum": 0.99, "se_size": "expansion"})
     config.image_size = 112
     config.batch_size = 32
     config.eval_batch_size = 100

@@ -21,8 +21,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
 
     # Model options passed to create_model (width/stage_sizes shrink a BagNet; identity_expand: thesis 4.3.2).
+    # bn_momentum (Flax convention, the weight of the old running average) overrides every BatchNorm's; unset,
+    # the official momenta stay.
     config.model_kwargs = ml_collections.ConfigDict({"width": 64, "stage_sizes": (3, 4, 6, 3),
-                                                     "identity_expand": False})
+                                                     "identity_expand": False,
+                                                     "bn_momentum": ml_collections.config_dict.placeholder(float)})
     config.dtype = "float32"              # compute dtype; "bfloat16" for mixed precision (params stay float32)
 
     config.data = ml_collections.ConfigDict()
@@ -61,6 +64,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.aux_loss_weight = 1.0          # AnchorNet: weight of the auxiliary attention classifiers
     config.robust = ml_collections.ConfigDict({"clip": ""})  # "cbn": train on Clipped BagNet logits (bagjax.robust)
     config.skip_nonfinite_updates = False  # True: skip a step whose loss/grads are not finite instead of stopping
+
+    # Precise BatchNorm (bagjax/training/precise_bn.py): before every evaluation and saved evaluation checkpoint,
+    # each BatchNorm's statistics become the average over this many training batches with the current weights
+    # (32 x 256 = pycls's 8,192 images). 0 switches it off. The final evaluation also compares eval mode with
+    # batch statistics on guard_batches eval batches.
+    config.precise_bn = ml_collections.ConfigDict()
+    config.precise_bn.num_batches = 32
+    config.precise_bn.guard_batches = 4
 
     config.total_steps = -1               # -1: num_epochs * steps_per_epoch
     config.log_every_steps = 50
@@ -111,4 +122,6 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data.eval_split = "validation"
     config.schedule.warmup_epochs = 0.0
     config.freeze_backbone = False
+    config.precise_bn.num_batches = 2
+    config.precise_bn.guard_batches = 1
     return config

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bagjax.models.heads import Head, check_head
-from bagjax.models.resnet import Bottleneck, conv, norm, stage_plan
+from bagjax.models.resnet import Bottleneck, conv, norm, stage_plan, torch_momentum
 
 STAGE_STRIDES = (2, 2, 2, 1)
 # kernel3 of the official bagnet33/17/9 constructors: how many blocks of each stage get a 3x3 middle conv.
@@ -54,7 +54,8 @@ class BagNet(nn.Module):
 
     ``__call__`` returns image logits ``(B, C)``; ``patch_logits`` returns ``(B, H', W', C)``, whose spatial
     mean the image logits are (for every head). ``width`` and ``stage_sizes`` shrink the network for
-    demos; the defaults are the paper's.
+    demos; the defaults are the paper's. ``bn_momentum`` (Flax convention) sets every BatchNorm's momentum;
+    None keeps the official ones (stem 0.999, blocks 0.9 in Flax terms).
     """
 
     kernel3: Sequence[int]
@@ -64,6 +65,7 @@ class BagNet(nn.Module):
     width: int = 64
     identity_expand: bool = False
     dtype: jnp.dtype = jnp.float32
+    bn_momentum: float | None = None
 
     @property
     def receptive_field(self) -> int:
@@ -100,13 +102,14 @@ class BagNet(nn.Module):
         x = x.astype(self.dtype)
         x = cv(self.width, (1, 1), name="conv1")(x)
         x = cv(self.width, (3, 3), name="conv2")(x)
-        x = nn.relu(norm(self.dtype, train, STEM_BN_MOMENTUM)(name="bn1")(x))
+        x = nn.relu(norm(self.dtype, train, torch_momentum(self.bn_momentum, STEM_BN_MOMENTUM))(name="bn1")(x))
         plan = list(stage_plan(self.stage_sizes, STAGE_STRIDES, self.kernel3))
         for s, i, mult, stride, kernel in plan:
             last = (s, i) == plan[-1][:2]
             x = Bottleneck(self.width * mult, stride, kernel=kernel, padding=0, downsample=i == 0,
                            out_features=self.num_classes if (last and self.identity_expand) else None,
-                           dtype=self.dtype, name=f"layer{s + 1}_{i}")(x, train)
+                           dtype=self.dtype, bn_momentum=torch_momentum(self.bn_momentum),
+                           name=f"layer{s + 1}_{i}")(x, train)
         if output == "features":
             return x
         patch_logits = Head(self.head, self.num_classes, self.dtype, name="head")(x)

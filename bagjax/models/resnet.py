@@ -24,6 +24,11 @@ TORCH_BN_MOMENTUM = 0.1
 BN_EPSILON = 1e-5
 
 
+def torch_momentum(bn_momentum: float | None, official: float = TORCH_BN_MOMENTUM) -> float:
+    """The PyTorch momentum of a BatchNorm: ``official`` unless a model's ``bn_momentum`` (Flax convention) is set."""
+    return official if bn_momentum is None else 1.0 - bn_momentum
+
+
 def conv(dtype: jnp.dtype) -> ModuleDef:
     """A bias-free, unpadded, He-normal (fan_out) conv as in both torch references; padding is passed per call."""
     return functools.partial(nn.Conv, use_bias=False, padding="VALID", kernel_init=he_normal_fan_out, dtype=dtype,
@@ -95,7 +100,8 @@ def stage_plan(stage_sizes: Sequence[int], stage_strides: Sequence[int], kernel3
 class ResNet50(nn.Module):
     """torchvision ResNet-50: 7x7/2 conv, 3x3/2 max-pool, bottlenecks [3, 4, 6, 3], GAP, head.
 
-    The head acts on the pooled 2048-d feature (thesis 3.1, Eq. 3.2-3.3).
+    The head acts on the pooled 2048-d feature (thesis 3.1, Eq. 3.2-3.3). ``bn_momentum`` (Flax convention)
+    sets every BatchNorm's momentum; None keeps torchvision's (0.9 in Flax terms).
     """
 
     num_classes: int
@@ -104,6 +110,7 @@ class ResNet50(nn.Module):
     width: int = 64
     identity_expand: bool = False
     dtype: jnp.dtype = jnp.float32
+    bn_momentum: float | None = None
 
     @property
     def num_features(self) -> int:
@@ -118,14 +125,15 @@ class ResNet50(nn.Module):
         check_head(self.head, self.num_classes, self.num_features)
         x = x.astype(self.dtype)
         x = conv(self.dtype)(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
-        x = nn.relu(norm(self.dtype, train)(name="bn1")(x))
+        x = nn.relu(norm(self.dtype, train, torch_momentum(self.bn_momentum))(name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         plan = list(stage_plan(self.stage_sizes, (1, 2, 2, 2), kernel3=self.stage_sizes))  # every middle conv 3x3
         for s, i, mult, stride, kernel in plan:
             last = (s, i) == plan[-1][:2]
             x = Bottleneck(self.width * mult, stride, kernel=kernel, padding=1, downsample=i == 0,
                            out_features=self.num_classes if (last and self.identity_expand) else None,
-                           dtype=self.dtype, name=f"layer{s + 1}_{i}")(x, train)
+                           dtype=self.dtype, bn_momentum=torch_momentum(self.bn_momentum),
+                           name=f"layer{s + 1}_{i}")(x, train)
         if output == "features":
             return x
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from bagjax import data, robust
 from bagjax.models import build_model, is_bagnet
-from bagjax.training import checkpoints, checks, optim, sharding
+from bagjax.training import checkpoints, checks, optim, precise_bn, sharding
 from bagjax.training.checkpoints import write_dataset_info
 from bagjax.training.lock import lock_workdir
 from bagjax.training.metrics import MetricWriter
@@ -350,6 +350,31 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
     p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
                           in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                           out_shardings=sharding.replicated(mesh))
+    p_bn_accumulate = jax.jit(functools.partial(precise_bn.accumulate, model=model,
+                                                num_batches=config.precise_bn.num_batches),
+                              in_shardings=(state_sharding.batch_stats, state_sharding, sharding.batch_sharding(mesh)),
+                              out_shardings=state_sharding.batch_stats, donate_argnums=0)
+    p_guard_step = jax.jit(functools.partial(precise_bn.guard_step, model=model,
+                                             logits_fn=functools.partial(eval_logits, config.model)),
+                           in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                           out_shardings=sharding.replicated(mesh))
+
+    def with_precise_bn(state: TrainState, step: int) -> tuple[TrainState, dict[str, float]]:
+        """The state with BatchNorm statistics recomputed for its weights (precise_bn.py), and the cost."""
+        if not precise_bn.enabled(config, state):
+            return state, {}
+        start = time.perf_counter()
+        batches = (sharding.global_batch(b, mesh) for b in precise_bn.statistics_batches(config, step))
+        stats = jax.block_until_ready(precise_bn.recompute(p_bn_accumulate, state, batches))
+        return state.replace(batch_stats=stats), {"precise_bn_seconds": time.perf_counter() - start}
+
+    def final_guard(state: TrainState) -> dict[str, float]:
+        """Eval-mode against batch-statistics accuracy on a few eval batches; one warning line if far apart."""
+        batches = (sharding.global_batch(b, mesh) for b in precise_bn.guard_batches(config, info.num_eval))
+        metrics = precise_bn.guard(p_guard_step, state, batches)
+        if is_main and (warning := precise_bn.guard_warning(metrics, config)):
+            print(warning, flush=True)
+        return metrics
 
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     preemption = _Preemption()
@@ -386,8 +411,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
             bar.update(1)
             if step % eval_every == 0 or step == total_steps:
                 check_finite()
-                eval_metrics = evaluate(p_eval_step, state, config, mesh)
+                state, bn_cost = with_precise_bn(state, step)
+                eval_metrics = {**evaluate(p_eval_step, state, config, mesh), **bn_cost}
                 check_finite_eval(eval_metrics, step, ckpt.directory, config.skip_nonfinite_updates)
+                if step == total_steps:
+                    eval_metrics.update(final_guard(state))
                 writer.write(step, eval_metrics)
                 ckpt.save(state, {"eval_accuracy": eval_metrics["eval_accuracy"]}, force=True)
             elif step % config.checkpoint_every_steps == 0:
@@ -410,15 +438,19 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         ckpt.wait()
         ckpt.close()
 
-    if not eval_metrics:  # resumed at the end: evaluate what was restored
-        eval_metrics = evaluate(p_eval_step, state, config, mesh)
+    if not eval_metrics:  # resumed at the end: evaluate what was restored (its statistics are already precise)
+        eval_metrics = {**evaluate(p_eval_step, state, config, mesh), **final_guard(state)}
     if is_bagnet(config.model) and config.heatmap_images > 0:
         # Every process takes part: gathering FSDP-sharded parameters that span processes is a collective.
         variables = multihost_utils.process_allgather(state.variables, tiled=True)
         if is_main:
             _write_heatmaps(config, model, variables, workdir, info.class_names)
     print(f"final eval: accuracy={eval_metrics['eval_accuracy']:.4f} loss={eval_metrics['eval_loss']:.4f} "
-          f"top5={eval_metrics['eval_top5']:.4f} examples={eval_metrics['eval_count']}", flush=True)
+          f"top5={eval_metrics['eval_top5']:.4f} examples={eval_metrics['eval_count']} "
+          f"batch_stats_accuracy={eval_metrics['guard_batch_stats_accuracy']:.4f} "
+          f"(eval mode {eval_metrics['guard_eval_accuracy']:.4f} on the same {eval_metrics['guard_count']})"
+          + (f" precise_bn={eval_metrics['precise_bn_seconds']:.1f}s" if "precise_bn_seconds" in eval_metrics else ""),
+          flush=True)
     return eval_metrics
 
 
