@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bagjax import data
 from bagjax.models import create_model
 from bagjax.training import precise_bn
 from bagjax.training.loop import eval_logits
@@ -28,9 +29,10 @@ def _state(name, kwargs, size, batch):
     if name == "anchornet":  # model.init's ~350 random initializers take minutes to compile on a CPU
         from test_anchornet import numpy_variables
 
-        variables = numpy_variables(model, batch["image"][:1])
+        variables = numpy_variables(model, data.normalize(batch["image"][:1]))
     else:
-        variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), batch["image"][:1])
+        variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0),
+                                                                         data.normalize(batch["image"][:1]))
     # Statistics that describe nothing: what lagging running averages look like.
     stats = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
     return model, TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=stats,
@@ -38,9 +40,10 @@ def _state(name, kwargs, size, batch):
 
 
 def _batch(size, n=8, seed=0):
+    """uint8 images, as the input pipeline gives them (precise BN normalizes them as the train step does)."""
     rng = np.random.default_rng(seed)
-    image = rng.normal(0.0, 1.0, (n, size, size, 3)) + rng.normal(0.0, 1.0, (n, 1, 1, 3))
-    return {"image": jnp.asarray(image, jnp.float32), "label": jnp.arange(n) % 5}
+    image = 128 + 40 * (rng.normal(0.0, 1.0, (n, size, size, 3)) + rng.normal(0.0, 1.0, (n, 1, 1, 3)))
+    return {"image": jnp.asarray(np.clip(image, 0, 255), jnp.uint8), "label": jnp.arange(n) % 5}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -53,6 +56,7 @@ def test_precise_statistics_make_eval_mode_equal_train_mode_on_the_batch(name):
 
     @jax.jit
     def both(variables, images):
+        images = data.normalize(images)
         train, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
         return eval_logits(name, model.apply(variables, images, train=False)), eval_logits(name, train)
 

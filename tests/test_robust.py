@@ -222,8 +222,10 @@ def test_no_logit_level_attack_breaks_a_certified_image(defense):
 
 # ----------------------------------------------------------------------------------------------- attack
 def _with_class_bias(variables, cls, amount):
-    """``variables`` with ``amount`` added to the head bias of class ``cls`` (every patch logit of that class)."""
-    head = dict(variables["params"]["head"], bias=jnp.asarray(variables["params"]["head"]["bias"]).at[cls].add(amount))
+    """``variables`` with ``amount`` added to the head bias of class ``cls`` and taken from every other class's
+    (every patch logit moves), so that bounded (clipped) evidence can certify too."""
+    bias = jnp.asarray(variables["params"]["head"]["bias"])
+    head = dict(variables["params"]["head"], bias=(bias - amount).at[cls].add(2 * amount))
     return {**variables, "params": {**variables["params"], "head": head}}
 
 

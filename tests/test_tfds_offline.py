@@ -19,7 +19,7 @@ def _tfds_configs() -> dict[str, str]:
     """{dataset spec: config name} of the shipped configs that read TFDS."""
     specs = {}
     for path in sorted((ROOT / "configs").glob("*.py")):
-        if path.name == "__init__.py":
+        if path.name in ("__init__.py", "folder.py"):  # folder.py reads the image folder its argument names
             continue
         config = importlib.import_module(f"configs.{path.stem}").get_config()
         if config.dataset.startswith("tfds:"):
