@@ -42,6 +42,7 @@ def main(argv):
     from bagjax.training.loop import train_and_evaluate
 
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    cli.raise_if_interrupted()  # a signal during the final evaluation, after the loop gave its handlers back
     if result.get("signal") == signal.SIGINT:  # Ctrl-C: checkpointed, and the shell sees an interrupt
         sys.exit(128 + signal.SIGINT)
 

@@ -7,7 +7,6 @@ command with one line saying so (the training loop installs its own handlers, wh
 
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import sys
@@ -36,33 +35,34 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+_pending: list[int] = []
+
+
+def _remember(signum, frame):
+    _pending.append(signum)
 
 
 def catch_interrupts() -> None:
-    """Turn SIGTERM/SIGINT into ``Interrupted`` until the training loop takes them over; one that is not caught
-    (e.g. while modules import) still ends as one line."""
+    """Remember SIGTERM/SIGINT until the training loop takes them over (``raise_if_interrupted`` acts on them).
+
+    The handler only records the signal: raising from it at an arbitrary point of start-up (inside an import, or
+    orbax or Grain setting up threads) left those libraries half set up, and a later checkpoint save hung.
+    """
     for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, _raise_interrupted)
-    previous = sys.excepthook
-
-    def hook(kind, value, tb):
-        if isinstance(value, Interrupted):
-            interrupted_exit(value, hard=True)
-        previous(kind, value, tb)
-
-    sys.excepthook = hook
+        signal.signal(s, _remember)
 
 
-def interrupted_exit(e: Interrupted, hard: bool = False) -> None:
+def raise_if_interrupted() -> None:
+    """Raise ``Interrupted`` for a signal remembered since ``catch_interrupts`` (called at safe points)."""
+    if _pending:
+        raise Interrupted(_pending[0])
+
+
+def interrupted_exit(e: Interrupted) -> None:
     """One line and the shell's status for a signal (128 + signal number)."""
     name = signal.Signals(e.signum).name
     print(f"error: stopped by {name} outside the training steps (start-up or final evaluation); no checkpoint "
           "was lost: rerun the same command to resume", file=sys.stderr, flush=True)
-    if hard:  # from sys.excepthook, where sys.exit cannot set the status
-        sys.stdout.flush()
-        os._exit(128 + e.signum)
     sys.exit(128 + e.signum)
 
 

@@ -26,7 +26,7 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from bagjax import data, robust
+from bagjax import cli, data, robust
 from bagjax.models import build_model, is_bagnet
 from bagjax.training import checkpoints, checks, optim, precise_bn, sharding
 from bagjax.training.checkpoints import write_dataset_info
@@ -377,6 +377,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         return metrics
 
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+    cli.raise_if_interrupted()  # a SIGTERM/SIGINT during start-up: one line, nothing written yet to lose
     preemption = _Preemption()
     eval_metrics: dict[str, float] = {}
     batches: Iterator[dict[str, np.ndarray]] = data.train_batches(config, start_step=start_step)
