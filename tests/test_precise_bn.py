@@ -52,7 +52,9 @@ def test_precise_statistics_make_eval_mode_equal_train_mode_on_the_batch(name):
     batch = _batch(size)
     model, state = _state(name, kwargs, size, batch)
     p_accumulate = jax.jit(functools.partial(precise_bn.accumulate, model=model, num_batches=2))
-    state = state.replace(batch_stats=precise_bn.recompute(p_accumulate, state, iter([batch, batch])))
+    stats, kept = precise_bn.recompute(p_accumulate, state, iter([batch, batch]))
+    assert kept == 0
+    state = state.replace(batch_stats=stats)
 
     @jax.jit
     def both(variables, images):
@@ -71,7 +73,7 @@ def test_statistics_are_the_equal_weight_average_of_the_batch_moments():
     batches = [_batch(size, seed=s) for s in range(3)]
     model, state = _state("bagnet17", kwargs, size, batches[0])
     p_accumulate = jax.jit(functools.partial(precise_bn.accumulate, model=model, num_batches=3))
-    got = precise_bn.recompute(p_accumulate, state, iter(batches))
+    got, _ = precise_bn.recompute(p_accumulate, state, iter(batches))
     moments = [precise_bn.batch_moments(state, b, model=model) for b in batches]
     want = jax.tree.map(lambda *m: sum(m) / 3, *moments)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got, want)
@@ -79,6 +81,24 @@ def test_statistics_are_the_equal_weight_average_of_the_batch_moments():
     assert moments[0]["bn1"]["mean"].shape == (8,)
     assert not np.allclose(moments[0]["bn1"]["var"], moments[1]["bn1"]["var"])
 
+
+
+def test_non_finite_statistics_keep_their_previous_values():
+    """Weights whose activations overflow give NaN moments: those BatchNorms keep the statistics they had."""
+    kwargs, size = MODELS["bagnet17"]
+    batch = _batch(size)
+    model, state = _state("bagnet17", kwargs, size, batch)
+    params = jax.tree_util.tree_map_with_path(  # the last block's last conv overflows: only BNs after it see inf
+        lambda path, p: p * 1e38 if "layer4" in jax.tree_util.keystr(path) and "conv3" in jax.tree_util.keystr(path)
+        else p, state.params)
+    state = state.replace(params=params)
+    p_accumulate = jax.jit(functools.partial(precise_bn.accumulate, model=model, num_batches=1))
+    stats, kept = precise_bn.recompute(p_accumulate, state, iter([batch]))
+    leaves = dict(jax.tree_util.tree_leaves_with_path(stats))
+    old = dict(jax.tree_util.tree_leaves_with_path(state.batch_stats))
+    changed = [k for k in leaves if not np.array_equal(leaves[k], old[k])]
+    assert kept > 0 and changed and all(np.isfinite(v).all() for v in leaves.values())
+    assert len(changed) == len(leaves) - kept  # the finite ones are recomputed, the others untouched
 
 # The loop's precise-BN call (loop.train_and_evaluate: p_bn_accumulate) on a 1-D mesh over all devices.
 _DEVICES_SCRIPT = """
@@ -100,7 +120,7 @@ rng = np.random.default_rng(0)
 # Every quarter of a batch has its own brightness: per-device variances differ from the global one.
 batches = [{"image": (rng.normal(0, 1, (8, 40, 40, 3)) + np.repeat(np.arange(4), 2)[:, None, None, None]
                      ).astype(np.float32)} for _ in range(3)]
-stats = precise_bn.recompute(p_accumulate, state, (sharding.global_batch(b, mesh) for b in batches))
+stats, _ = precise_bn.recompute(p_accumulate, state, (sharding.global_batch(b, mesh) for b in batches))
 flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(stats)}
 np.savez(sys.argv[1], devices=jax.device_count(), **flat)
 """

@@ -365,7 +365,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
             return state, {}
         start = time.perf_counter()
         batches = (sharding.global_batch(b, mesh) for b in precise_bn.statistics_batches(config, step))
-        stats = jax.block_until_ready(precise_bn.recompute(p_bn_accumulate, state, batches))
+        stats, kept = jax.block_until_ready(precise_bn.recompute(p_bn_accumulate, state, batches))
+        if kept and is_main:
+            print(f"warning: precise BN at step {step}: {kept} BatchNorm statistics came out non-finite with these "
+                  "weights and keep their previous values", flush=True)
         return state.replace(batch_stats=stats), {"precise_bn_seconds": time.perf_counter() - start}
 
     def final_guard(state: TrainState) -> dict[str, float]:

@@ -53,13 +53,16 @@ def accumulate(total: Any, state: Any, batch: dict[str, jax.Array], *, model: nn
     return jax.tree.map(lambda t, m: t + m / num_batches, total, batch_moments(state, batch, model=model))
 
 
-def recompute(p_accumulate: Callable, state: Any, batches: Iterator[dict[str, jax.Array]]) -> Any:
+def recompute(p_accumulate: Callable, state: Any, batches: Iterator[dict[str, jax.Array]]) -> tuple[Any, int]:
     """The equal-weight average of the batch moments over ``batches`` (global arrays, as many as the
-    ``num_batches`` ``p_accumulate`` divides by): the new ``batch_stats``."""
+    ``num_batches`` ``p_accumulate`` divides by): the new ``batch_stats``, and how many statistics arrays
+    were not finite (weights whose activations overflow) and so keep their previous values."""
     total = jax.tree.map(jnp.zeros_like, state.batch_stats)
     for batch in batches:
         total = p_accumulate(total, state, batch)
-    return total
+    finite = jax.tree.map(lambda t: jnp.isfinite(t).all(), total)
+    kept = sum(not ok for ok in jax.device_get(jax.tree.leaves(finite)))
+    return jax.tree.map(lambda t, old, ok: jnp.where(ok, t, old), total, state.batch_stats, finite), kept
 
 
 def enabled(config: ml_collections.ConfigDict, state: Any) -> bool:
