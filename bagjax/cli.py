@@ -10,7 +10,7 @@ from __future__ import annotations
 import pathlib
 import signal
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,6 +65,18 @@ def interrupted_exit(e: Interrupted) -> None:
           "was lost: rerun the same command to resume", file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
 
+
+
+def run_main(main: Callable[[], object], errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
+                                                                                     TypeError)) -> None:
+    """Run a command's ``main``: the user errors in ``errors`` become one ``error: ...`` line and exit status 1,
+    a remembered SIGTERM/SIGINT the usual one line (``interrupted_exit``)."""
+    try:
+        main()
+    except errors as e:
+        sys.exit(f"error: {e}")
+    except Interrupted as e:
+        interrupted_exit(e)
 
 def configs() -> list[tuple[str, str]]:
     """(path, first docstring line) of every shipped config."""

@@ -6,7 +6,6 @@ long variant of the kill test (more kills over a longer run).
 """
 
 import hashlib
-import json
 import os
 import pathlib
 import shutil

@@ -16,13 +16,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the eval pipeline uses tf.
 
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bagjax import cli  # noqa: E402
 from bagjax.blackout import (COMPUTE_KEEPS, MODES, PAPER_DROPS, SWEEP_KEEPS, compute_table,  # noqa: E402
                              make_schemes, run_blackout)
 from bagjax.experiments import report  # noqa: E402
@@ -185,7 +185,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        sys.exit(f"error: {e}")
+    cli.run_main(main)

@@ -46,12 +46,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the eval pipeline uses tf.
 
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
-import sys  # noqa: E402
 from typing import Any, Mapping, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bagjax import data  # noqa: E402
+from bagjax import cli  # noqa: E402
 from bagjax.downstream import FIGURE_IMAGES, PATCH_INPUTS, SETTINGS, run_lsp  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
 from bagjax.models.anchornet import RECEPTIVE_FIELDS  # noqa: E402
@@ -252,7 +251,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run_main(main, errors=(ValueError, FileNotFoundError))

@@ -28,7 +28,6 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
-from bagjax import attack, data, interpret, patches, robust  # noqa: E402
+from bagjax import attack, cli, data, interpret, patches, robust  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
 
 def parse_patch_sizes(text: str, image_size: int) -> list[tuple[str, int]]:
@@ -370,7 +369,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        sys.exit(f"error: {e}")
+    cli.run_main(main)
