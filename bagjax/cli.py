@@ -1,4 +1,4 @@
-"""What the config-driven commands (``train.py``, ``python -m bagjax.experiments.heads``) share on the command line.
+"""What the commands (``train.py``, ``python -m bagjax.experiments.*``) share on the command line.
 
 ``--help`` lists the shipped configs and the common overrides; flag and config-file mistakes become one line
 (``error: ...``) instead of absl's multi-line messages and tracebacks; SIGTERM/SIGINT during start-up stop the
@@ -66,17 +66,15 @@ def interrupted_exit(e: Interrupted) -> None:
     sys.exit(128 + e.signum)
 
 
-
 def run_main(main: Callable[[], object], errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
                                                                                      TypeError)) -> None:
-    """Run a command's ``main``: the user errors in ``errors`` become one ``error: ...`` line and exit status 1,
-    a remembered SIGTERM/SIGINT the usual one line (``interrupted_exit``)."""
+    """Run a command's ``main`` (the experiment commands): the user errors in ``errors`` become one
+    ``error: ...`` line and exit status 1."""
     try:
         main()
     except errors as e:
         sys.exit(f"error: {e}")
-    except Interrupted as e:
-        interrupted_exit(e)
+
 
 def configs() -> list[tuple[str, str]]:
     """(path, first docstring line) of every shipped config."""

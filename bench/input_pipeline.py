@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes (the baseline is 0)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images", type=int, default=384, help="500x375 JPEGs in the train split")
-    parser.add_argument("--batches", type=int, default=120, help="batches timed after the warm-up (about 3 s)")
+    parser.add_argument("--batches", type=int, default=120, help="batches timed after the warm-up (each side a few seconds)")
     parser.add_argument("--photos", type=int, default=8, help="4000x3000 JPEGs for the draft-mode figure")
     parser.add_argument("--train-step", action="store_true", help="also time the BagNet-33 train step")
     parser.add_argument("--end-to-end", type=int, default=0, metavar="STEPS", help="also run train.py for STEPS")

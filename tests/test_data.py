@@ -442,7 +442,11 @@ def test_worker_processes_give_the_same_batches_and_survive_a_bad_file(tmp_path)
 def test_tfds_offline_error_is_one_actionable_line(tmp_path, name):
     from tensorflow_datasets.core.download import downloader
 
-    retries = downloader.MAX_RETRIES
+    from bagjax.data import sources
+
+    retries = downloader.MAX_RETRIES  # TFDS's retry constant (a rename would silently bring back 205 s offline)
+    with sources._failing_fast(1.0, 2):
+        assert downloader.MAX_RETRIES == 2
     cfg = make_config(f'tfds:{name}', data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'manual'))
     with pytest.raises(data.DatasetUnavailableError) as err:
         data.dataset_info(cfg)

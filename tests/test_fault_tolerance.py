@@ -187,10 +187,10 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 
 def test_skip_nonfinite_updates_keeps_training_on_the_last_finite_parameters(tmp_path):
     # Precise BN stays on: the step-1 weights overflow, so the statistics it recomputes are NaN and keep their
-    # previous values (one warning line); the final evaluation still runs.
+    # previous ones (one warning line); the final evaluation still runs.
     proc = run_cmd(train_cmd("demo.py:smoke", tmp_path, *NAN_ARGS, "--config.skip_nonfinite_updates=True"), train_env())
     assert proc.stdout.strip().splitlines()[-1].startswith("final eval:")
-    assert "BatchNorm statistics came out non-finite with these weights and keep their previous values" in proc.stdout
+    assert "BatchNorm layer(s) got non-finite statistics with these weights and keep their previous ones" in proc.stdout
     losses = [m["train_loss"] for m in read_metrics(tmp_path) if "train_loss" in m]
     assert np.isfinite(losses[0]) and not np.isfinite(losses[1:]).any()
     assert checkpoint_steps(tmp_path)[-1] == 6

@@ -37,7 +37,8 @@ _SCAN_DRAFT_SIZE = 64
 _NAMES_IN_WARNING = 5
 _DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 # TFDS retries each URL 10 times with exponential backoff (0.2 s doubling: ~205 s before an offline machine
-# hears that it is offline). 4 tries wait 3 s in all; a rerun resumes a partial download.
+# hears that it is offline). 4 retries wait 3 s in all; a network outage longer than that fails the download,
+# and a rerun reuses the files that finished downloading.
 _DOWNLOAD_RETRIES = 4
 
 
@@ -325,7 +326,10 @@ class ImageFolderSource:
 
 @contextlib.contextmanager
 def _failing_fast(seconds: float, retries: int):
-    """Bounds every blocking socket call and TFDS's per-URL retries, so an offline download fails in seconds."""
+    """Bounds every blocking socket call and TFDS's per-URL retries, so an offline download fails in seconds.
+
+    Both are process-wide settings, restored on exit: do not prepare two TFDS datasets from different threads.
+    """
     from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
 
     previous = socket.getdefaulttimeout(), getattr(downloader, 'MAX_RETRIES', None)

@@ -367,9 +367,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         batches = (sharding.global_batch(b, mesh) for b in precise_bn.statistics_batches(config, step))
         stats, kept = jax.block_until_ready(precise_bn.recompute(p_bn_accumulate, state, batches))
         if kept and is_main:
-            print(f"warning: precise BN at step {step}: {kept} BatchNorm statistics came out non-finite with these "
-                  "weights and keep their previous values", flush=True)
-        return state.replace(batch_stats=stats), {"precise_bn_seconds": time.perf_counter() - start}
+            print(f"warning: precise BN at step {step}: {kept} BatchNorm layer(s) got non-finite statistics with these "
+                  "weights and keep their previous ones", flush=True)
+        return state.replace(batch_stats=stats), {"precise_bn_seconds": time.perf_counter() - start,
+                                                  **({"precise_bn_kept_layers": kept} if kept else {})}
 
     def final_guard(state: TrainState) -> dict[str, float]:
         """Eval-mode against batch-statistics accuracy on a few eval batches; one warning line if far apart."""

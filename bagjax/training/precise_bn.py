@@ -5,7 +5,8 @@ momenta (BagNet's stem keeps 0.999 of the old value, about a 1,000-step memory) 
 statistics of weights it no longer has, and eval mode is then far worse than the weights are. Precise BN
 (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021, section 3; pycls ``compute_precise_bn_stats`` and
 detectron2 ``update_bn_stats``) recomputes them with the weights frozen: every BatchNorm's statistics are the
-equal-weight average of the per-batch mean and (biased) variance over ``num_batches`` training batches.
+equal-weight average of the per-batch mean and (biased) variance over ``num_batches`` training batches
+(a BatchNorm whose moments come out non-finite, because the weights overflow, keeps its previous statistics).
 
 Each batch's moments come from a train-mode forward of the whole model with every BatchNorm momentum set to 0
 (``bn_momentum=0.0``, so the "running" statistics it writes are exactly that batch's), jitted over the
@@ -55,14 +56,26 @@ def accumulate(total: Any, state: Any, batch: dict[str, jax.Array], *, model: nn
 
 def recompute(p_accumulate: Callable, state: Any, batches: Iterator[dict[str, jax.Array]]) -> tuple[Any, int]:
     """The equal-weight average of the batch moments over ``batches`` (global arrays, as many as the
-    ``num_batches`` ``p_accumulate`` divides by): the new ``batch_stats``, and how many statistics arrays
-    were not finite (weights whose activations overflow) and so keep their previous values."""
+    ``num_batches`` ``p_accumulate`` divides by): the new ``batch_stats``, and how many BatchNorms got
+    non-finite moments (weights whose activations overflow) and so keep their previous statistics."""
     total = jax.tree.map(jnp.zeros_like, state.batch_stats)
     for batch in batches:
         total = p_accumulate(total, state, batch)
-    finite = jax.tree.map(lambda t: jnp.isfinite(t).all(), total)
-    kept = sum(not ok for ok in jax.device_get(jax.tree.leaves(finite)))
-    return jax.tree.map(lambda t, old, ok: jnp.where(ok, t, old), total, state.batch_stats, finite), kept
+    stats, kept = _keep_finite(total, state.batch_stats)
+    return stats, int(kept)
+
+
+@jax.jit
+def _keep_finite(new: Any, old: Any) -> tuple[Any, jax.Array]:
+    """Per BatchNorm (its mean and var together, never one without the other): the new statistics where both
+    are finite, else the old ones; and the count of BatchNorms kept."""
+    def is_bn(node):
+        return isinstance(node, dict) and set(node) == {"mean", "var"}
+
+    finite = jax.tree.map(lambda n: jnp.isfinite(n["mean"]).all() & jnp.isfinite(n["var"]).all(), new, is_leaf=is_bn)
+    stats = jax.tree.map(lambda n, o, ok: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o), new, old, finite,
+                         is_leaf=is_bn)
+    return stats, sum(jnp.logical_not(ok).astype(jnp.int32) for ok in jax.tree.leaves(finite))
 
 
 def enabled(config: ml_collections.ConfigDict, state: Any) -> bool:
