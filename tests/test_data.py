@@ -201,6 +201,18 @@ def test_synthetic_tiny_variant_and_slicing():
     assert next(data.train_batches(cfg, process_index=0, process_count=1))['image'].shape == (6, 32, 32, 3)
 
 
+
+def test_synthetic_crowded_variant_spreads_the_class_motif():
+    """The robustness demo's set: 6-9 copies of the class motif, each image generated at 64 px."""
+    cfg = make_config('synthetic:crowded')
+    cfg.image_size = 64
+    info = data.dataset_info(cfg)
+    assert info.num_classes == 10
+    split = synthetic.load_split('crowded', 'validation', 20, 64)
+    counts = [len(b) for b in split.boxes]
+    assert min(counts) >= 6 and max(counts) <= 9 and len(set(counts)) > 1
+    assert next(data.train_batches(cfg, process_index=0, process_count=1))['image'].shape[1:] == (64, 64, 3)
+
 def test_bad_specs_and_batches_are_one_line_errors():
     with pytest.raises(ValueError, match='unknown dataset spec'):
         data.dataset_info(make_config('mnist'))

@@ -103,6 +103,7 @@ class Variant:
     image_size: int | None = None
     motif_sizes: tuple[int, int] = (11, 15)
     max_motifs: int = 3
+    min_motifs: int = 1
 
 
 VARIANTS: dict[str, Variant] = {
@@ -115,6 +116,9 @@ VARIANTS: dict[str, Variant] = {
         image_size=32,
         max_motifs=2,
     ),
+    # The class motif 6-9 times over a 64 px image: evidence spread over the logit grid, so masking the window of
+    # one adversarial patch leaves most of it (the patch-robustness demo, configs/robust_demo.py).
+    'crowded': Variant(class_names=tuple(MOTIFS), image_size=64, min_motifs=6, max_motifs=9),
 }
 
 
@@ -189,7 +193,7 @@ def make_example(
     for _ in range(int(rng.integers(image_size * image_size // 900, image_size * image_size // 500 + 2))):
         _draw_blob(canvas, rng)
     boxes: list[tuple[int, int, int, int]] = []
-    for _ in range(int(rng.integers(1, variant.max_motifs + 1))):
+    for _ in range(int(rng.integers(variant.min_motifs, variant.max_motifs + 1))):
         k = int(rng.integers(variant.motif_sizes[0], variant.motif_sizes[1] + 1))
         y0, x0 = _place(rng, image_size, k, boxes)
         yy, xx = np.mgrid[:k, :k]
