@@ -68,7 +68,7 @@ def _on_standin(config, images):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds_its_full_model_and_traces_a_train_step(name, images, tmp_path):
     config, real_batch = _on_standin(_load(name, images), images)
-    if "width" in config.model_kwargs and name not in ("demo.py", "folder.py"):  # small on purpose
+    if "width" in config.model_kwargs and name not in ("demo.py", "robust_demo.py", "folder.py"):  # small on purpose
         assert (config.model_kwargs.width, tuple(config.model_kwargs.stage_sizes)) == (64, (3, 4, 6, 3))
     info = data.dataset_info(config)
     num_classes = config.num_classes if config.num_classes > 0 else info.num_classes
