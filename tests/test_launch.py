@@ -44,6 +44,16 @@ def _launch_script(script: str, processes: int = 2) -> subprocess.CompletedProce
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+def _launch_failing(script: str, status: int) -> subprocess.CompletedProcess:
+    """Two ranks of which one fails with ``status`` while the other sleeps 300 s: the launcher returns that status
+    without waiting for the sleeper (killed, not waited for)."""
+    start = time.time()
+    proc = _launch_script(script)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert time.time() - start < 60  # the other rank was killed, not waited for
+    return proc
+
+
 def test_launcher_prefixes_every_line_with_the_rank_and_exits_0():
     proc = _launch_script("import os; r = os.environ['JAX_PROCESS_ID']; print('hello from', r); print('bye', r)", 3)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -55,10 +65,7 @@ def test_a_failing_process_kills_the_others_and_its_status_is_returned():
     script = ("import os, sys, time; r = int(os.environ['JAX_PROCESS_ID']); print('started', r, flush=True)\n"
               "if r == 1: time.sleep(1); sys.exit(3)\n"
               "time.sleep(300)")
-    start = time.time()
-    proc = _launch_script(script)
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert time.time() - start < 60  # rank 0 was killed, not waited for
+    proc = _launch_failing(script, status=3)
     assert "[1] started 1" in proc.stdout and "[0] started 0" in proc.stdout
     assert "launch: process 1 exited with status 3; killing the other processes" in proc.stdout
 
@@ -68,10 +75,7 @@ def test_a_dead_rank_s_orphaned_child_is_killed_not_waited_on():
     script = ("import os, subprocess, sys, time; r = int(os.environ['JAX_PROCESS_ID'])\n"
               "if r == 1: subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); sys.exit(4)\n"
               "time.sleep(300)")
-    start = time.time()
-    proc = _launch_script(script)
-    assert proc.returncode == 4, proc.stdout + proc.stderr
-    assert time.time() - start < 60
+    _launch_failing(script, status=4)
 
 
 @pytest.fixture(scope="module")
