@@ -17,9 +17,11 @@ core, 0: in this process); each worker builds whole batches, in order.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -201,11 +203,57 @@ def eval_dataset(
     return grain.MapDataset.range(num_batches * global_batch).map(evaluate).batch(b)[p::num_p]
 
 
+def _is_main_test(test: ast.expr) -> bool:
+    """Whether an `if` test is `__name__ == '__main__'` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = {ast.dump(test.left), ast.dump(test.comparators[0])}
+    return sides == {ast.dump(ast.Name('__name__', ast.Load())), ast.dump(ast.Constant('__main__'))}
+
+
+def unguarded_main_line() -> int | None:
+    """The line of the main script that asks for worker batches outside `if __name__ == '__main__':`.
+
+    Grain starts its workers with the 'spawn' method, which reruns the main
+    script's top level in every worker (Python's multiprocessing docs, "Safe
+    importing of main module"). A script that builds its batches at top level
+    makes each worker start workers of its own; they fail, and the parent then
+    waits forever for them (it holds its end of their start-up pipe). None when
+    the call is guarded, or when spawn reruns nothing: an interactive session,
+    `python -c`, a notebook or a package's __main__.
+    """
+    main = sys.modules.get('__main__')
+    path = getattr(main, '__file__', None)
+    spec_name = getattr(getattr(main, '__spec__', None), 'name', None) or ''
+    if main is None or path is None or spec_name == '__main__' or spec_name.endswith('.__main__'):
+        return None
+    frame = sys._getframe(1)  # pylint: disable=protected-access
+    while frame is not None and not (frame.f_code.co_name == '<module>' and frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    try:
+        tree = ast.parse(open(path, encoding='utf-8').read())  # pylint: disable=unspecified-encoding
+    except (OSError, SyntaxError, ValueError):
+        return None
+    line = frame.f_lineno
+    guarded = any(isinstance(node, ast.If) and _is_main_test(node.test)
+                  and node.lineno <= line <= node.end_lineno for node in tree.body)
+    return None if guarded else line
+
+
 def iterate(dataset: grain.MapDataset, workers: int) -> Iterator[Batch]:
     """Batches of a MapDataset in order, built by `workers` processes (0: a thread of this process)."""
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES)
     it = dataset.to_iter_dataset(read)
     if workers > 0:
+        line = unguarded_main_line()
+        if line is not None:
+            raise RuntimeError(
+                f'{sys.modules["__main__"].__file__}:{line} asks for batches from {workers} worker processes '
+                "at the script's top level, which every worker would rerun: put that code under "
+                "`if __name__ == '__main__':`, or set config.data.workers = 0"
+            )
         if not flags.FLAGS.is_parsed():  # Grain reads absl flags when it starts workers (google/grain#1355).
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(
