@@ -9,7 +9,7 @@ The tables, plots and command line are in ``bagjax.experiments.blackout``.
 Two modes, because the paper's text and its public code disagree:
 
 - ``--mode patches`` (default, the paper's text, section 5): a BagNet's image logits are the mean of its patch
-  logits (Brendel & Bethge 2019, section 2), so blacking out patches means the image logits become the mean over
+  logits (Brendel & Bethge 2019, section 3), so blacking out patches means the image logits become the mean over
   the KEPT patches only. Random masks are drawn per image (from the seed and the example's index).
 - ``--mode channels`` (the paper's public code): it zeroed columns of the final fc weight, which removes
   feature channels, not patches: ``logits = mean_features @ (W * m) + b`` with a channel mask ``m`` over the
@@ -138,7 +138,12 @@ def patch_mask(scheme: Scheme, patch_logits: jax.Array, example_index: jax.Array
 
 
 def kept_patch_logits(patch_logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Image logits as the mean over the kept patches only: ``(B, H', W', C), (B, H', W') -> (B, C)``."""
+    """Image logits as the mean over the kept patches only: ``(B, H', W', C), (B, H', W') -> (B, C)``.
+
+    The paper (section 5) sets the blacked-out patches' weights to 0 "so that they are not considered in the final
+    aggregation"; dividing by the kept count rather than by all patches gives the same predictions (a positive
+    factor), and a cross-entropy that does not grow just because fewer patches vote.
+    """
     m = mask.astype(patch_logits.dtype)
     return jnp.einsum("bhwc,bhw->bc", patch_logits, m) / jnp.sum(m, axis=(1, 2))[:, None]
 

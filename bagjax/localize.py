@@ -41,7 +41,10 @@ def branch_decision(logits: Mapping[int, jax.Array], class_maps: Mapping[int, ja
     - Eq. 8: branch = argmax_j [(P^j == B^j_cls) * P^j], the most confident branch among those whose top
       probability is cls's; an index into ``RECEPTIVE_FIELDS`` (int32). Ties go to the smaller receptive field.
     - heatmaps: ``{rf: F^rf[..., cls]}`` of shape ``(..., H_rf, W_rf)`` for every branch, because the grids
-      differ in shape; the paper's M^theta is ``heatmaps[RECEPTIVE_FIELDS[branch]]``.
+      differ in shape; the paper's M^theta is ``heatmaps[RECEPTIVE_FIELDS[branch]]``. M^theta is F^theta itself
+      (section 3.3, "equal to F^theta_{:,:,gamma}"), the 1x1 class conv's map before the attention map S
+      multiplies it (section 3.2), as the paper's text says; the image logit sums F * S, so a patch's exact
+      share of it would be F * S instead.
     """
     probs = jnp.stack([jax.nn.softmax(logits[rf].astype(jnp.float32), axis=-1) for rf in RECEPTIVE_FIELDS],
                       axis=-2)  # (..., 3, C)

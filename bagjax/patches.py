@@ -1,6 +1,6 @@
 """Receptive-field geometry of BagNets and per-patch evaluation by ``jax.vmap``.
 
-Brendel & Bethge (ICLR 2019), section 2: with unpadded convs, output location (i, j) of a BagNet sees exactly
+Brendel & Bethge (ICLR 2019), section 3: with unpadded convs, output location (i, j) of a BagNet sees exactly
 the input box ``[stride*i, stride*i + rf) x [stride*j, stride*j + rf)``. This module is the one place that turns
 a model into that geometry; heatmaps, blackout and cropping ask here. ``per_patch_logits`` runs the network on
 each extracted rf x rf patch separately, which equals the dense ``patch_logits`` up to float rounding: the

@@ -1,4 +1,4 @@
-"""The thesis's transfer setup with the fixed identity classifier (Qian 2020, section 3.4, Table 5.4).
+"""The thesis's transfer setup with the fixed identity classifier (Qian 2020, section 3.4, Table 5.5).
 
 Same as oxford_flowers102_learned.py, but the classifier layer is removed: the logits are the first 102 of
 ResNet-50's 2,048 pooled channels.

@@ -27,6 +27,7 @@ def get_config(arg: str | None = None):
     config.freeze_backbone = True
     config.data.train_split = "train[:70%]"
     config.data.eval_split = "train[70%:90%]"   # validation; the test slice is train[90%:]
+    config.data.crop_fraction = 1.0  # section 3: "resized to 224x224"; their code: Resize(224), CenterCrop(224)
     config.optimizer.name = "sgd"
     config.optimizer.learning_rate = 0.01
     config.optimizer.weight_decay = 1e-4

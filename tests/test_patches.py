@@ -1,4 +1,4 @@
-"""Per-patch evaluation by jax.vmap equals the dense patch logits (Brendel & Bethge 2019, section 2)."""
+"""Per-patch evaluation by jax.vmap equals the dense patch logits (Brendel & Bethge 2019, section 3)."""
 
 import jax
 import numpy as np

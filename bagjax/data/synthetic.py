@@ -1,7 +1,7 @@
 """The embedded demo dataset: local motifs on cluttered backgrounds (pure numpy).
 
 BagNets classify by averaging the class evidence of small patches (BagNet
-paper, Sec. 2 / Fig. 1). This set is built so that evidence is strictly local:
+paper, Sec. 3 / Fig. 1). This set is built so that evidence is strictly local:
 each class is a small binary motif (11-15 px: stripes, checkerboard, ring,
 cross, ...) drawn 1-3 times at random positions in a random colour on a
 background of noise plus distractor blobs drawn from a class-independent pool.

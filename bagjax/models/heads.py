@@ -103,5 +103,9 @@ class Head(nn.Module):
 
 
 def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
-    """``x / (|x| + 1e-8)`` over the last axis, as Hoffer et al.'s fixed projections normalise features."""
+    """``x / (|x| + 1e-8)`` over the last axis, as Hoffer et al.'s fixed projections normalise features.
+
+    Their ``HadamardProj`` adds the 1e-8; their ``Proj`` (our ``orthogonal_hoffer``) divides by the norm alone.
+    The two differ only for an all-zero feature, which the 1e-8 keeps finite.
+    """
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)

@@ -5,7 +5,9 @@ location maps to one input box exactly. A bottleneck (``bneck``) is: 1x1 expansi
 equals the input width, as in MobileNetV3) -> k x k depthwise -> optional squeeze-and-excitation -> linear 1x1
 projection, with a residual when the stride is 1 and the widths match. Because the depthwise conv is unpadded,
 the residual is centre-cropped by ``(k - 1) / 2`` pixels per side: the kept input pixel is the centre of the
-depthwise window, so the receptive field stays the one the tables give.
+depthwise window, so the receptive field stays the one the tables give. The authors' public code
+(winycg/AnchorNet, ``Block``) crops the bottom and right ``k - 1`` pixels instead; the paper is silent, both
+keep the 63/95/111 px receptive fields, and the centred crop adds each output to its own window's centre.
 
 BatchNorm follows torchvision's MobileNetV3 (PyTorch ``momentum=0.01, eps=1e-3``), i.e. Flax ``momentum=0.99``,
 ``epsilon=1e-3``; statistics live in the ``batch_stats`` collection. ``bn_momentum`` overrides the momentum: short
