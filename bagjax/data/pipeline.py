@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
+_IMPORTED = time.time()  # when this process imported the pipeline (see unguarded_main_line)
 _PREFETCH_BATCHES = 2  # Per worker (or in-process): batches decoded ahead of the train step.
 
 
@@ -220,7 +222,9 @@ def unguarded_main_line() -> int | None:
     makes each worker start workers of its own; they fail, and the parent then
     waits forever for them (it holds its end of their start-up pipe). None when
     the call is guarded, or when spawn reruns nothing: an interactive session,
-    `python -c`, a notebook or a package's __main__.
+    `python -c`, a notebook or a package's __main__; and None when the script was
+    saved after this module was imported, since its lines then no longer match
+    the running code (a run must survive its script being edited).
     """
     main = sys.modules.get('__main__')
     path = getattr(main, '__file__', None)
@@ -233,6 +237,8 @@ def unguarded_main_line() -> int | None:
     if frame is None:
         return None
     try:
+        if os.stat(path).st_mtime > _IMPORTED:
+            return None
         tree = ast.parse(open(path, encoding='utf-8').read())  # pylint: disable=unspecified-encoding
     except (OSError, SyntaxError, ValueError):
         return None
