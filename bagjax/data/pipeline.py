@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
-_IMPORTED = time.time()  # when this process imported the pipeline (see unguarded_main_line)
 _PREFETCH_BATCHES = 2  # Per worker (or in-process): batches decoded ahead of the train step.
 
 
@@ -222,9 +220,9 @@ def unguarded_main_line() -> int | None:
     makes each worker start workers of its own; they fail, and the parent then
     waits forever for them (it holds its end of their start-up pipe). None when
     the call is guarded, or when spawn reruns nothing: an interactive session,
-    `python -c`, a notebook or a package's __main__; and None when the script was
-    saved after this module was imported, since its lines then no longer match
-    the running code (a run must survive its script being edited).
+    `python -c`, a notebook or a package's __main__; and None when the script on
+    disk no longer compiles to the running code, as after an edit (a run must
+    survive its script being edited under it).
     """
     main = sys.modules.get('__main__')
     path = getattr(main, '__file__', None)
@@ -237,11 +235,14 @@ def unguarded_main_line() -> int | None:
     if frame is None:
         return None
     try:
-        if os.stat(path).st_mtime > _IMPORTED:
-            return None
-        tree = ast.parse(open(path, encoding='utf-8').read())  # pylint: disable=unspecified-encoding
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        running = compile(text, path, 'exec')
     except (OSError, SyntaxError, ValueError):
         return None
+    if (running.co_code, running.co_linetable) != (frame.f_code.co_code, frame.f_code.co_linetable):
+        return None
+    tree = ast.parse(text)
     line = frame.f_lineno
     guarded = any(isinstance(node, ast.If) and _is_main_test(node.test)
                   and node.lineno <= line <= node.end_lineno for node in tree.body)
