@@ -34,8 +34,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # run() refuses positional arguments before this
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     # orbax's background threads log every failed write with a traceback; the error itself reaches run()
     pylogging.getLogger("absl").setLevel(pylogging.CRITICAL)
@@ -63,10 +62,12 @@ def run():
         return
     try:
         try:
-            FLAGS(sys.argv)
+            rest = FLAGS(sys.argv)
             FLAGS.config.to_dict()  # a config file that failed to load raises here, not in the middle of training
-        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
             sys.exit(f"error: {cli.flag_error(e, sys.argv)}")
+        if len(rest) > 1:
+            sys.exit(f"error: {cli.unexpected_arguments(rest[1:])}")
         try:
             app.run(main, argv=[sys.argv[0]])
         except USER_ERRORS as e:

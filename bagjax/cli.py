@@ -8,6 +8,7 @@ command with one line saying so (the training loop installs its own handlers, wh
 from __future__ import annotations
 
 import pathlib
+import re
 import signal
 import sys
 from typing import Callable, Sequence
@@ -110,8 +111,28 @@ def _config_arg(message: str, argv: Sequence[str]) -> str:
     return " ".join(named or args)
 
 
+def _config_path(argv: Sequence[str]) -> str:
+    """The --config file named on the command line (``--config=F`` or ``--config F``)."""
+    return next((a.split("=", 1)[1] if "=" in a else argv[i + 2] for i, a in enumerate(argv[1:])
+                 if a.split("=", 1)[0] == "--config" and ("=" in a or i + 2 < len(argv))), "?")
+
+
+def unexpected_arguments(rest: Sequence[str]) -> str:
+    """One line for positional words absl left over, e.g. from ``--config.data.flip False`` (a space, not '=')."""
+    words = " ".join(repr(w) for w in rest)
+    return (f"unexpected argument(s) {words}: this command takes none; write every flag as --name=value "
+            "(e.g. --config.data.flip=False, not --config.data.flip False)")
+
+
 def flag_error(e: BaseException, argv: Sequence[str]) -> str:
     """One line for an error parsing the flags or loading the config file."""
+    shipped = ", ".join(p for p, _ in configs())
+    if isinstance(e, SyntaxError):
+        return (f"cannot load --config {_config_path(argv)} (line {e.lineno}: {e.msg}): fix that line, or use one "
+                f"of {shipped}")
+    if "has no attribute 'get_config'" in str(e):
+        return (f"cannot load --config {_config_path(argv)}: a config file defines get_config(arg=None) returning "
+                f"an ml_collections.ConfigDict (see configs/demo.py); use one of {shipped}")
     if isinstance(e, (KeyError, AttributeError)):  # a misspelt --config.KEY; ml_collections suggests a key
         text = str(e.args[0]) if e.args else str(e)
         if "\\n" in text:  # ml_collections nests the KeyError's repr in the message
@@ -125,8 +146,8 @@ def flag_error(e: BaseException, argv: Sequence[str]) -> str:
         return f"{_config_arg(key, argv)}: no such config key {key!r}{hint}"
     text = str(e).strip()
     if "Failed loading config file" in text or isinstance(e.__cause__, OSError):
-        path = next((a.split("=", 1)[1] if "=" in a else argv[i + 2] for i, a in enumerate(argv[1:])
-                     if a.split("=", 1)[0] == "--config" and ("=" in a or i + 2 < len(argv))), "?")
         reason = text.splitlines()[-1].strip() if text else type(e).__name__
-        return f"cannot load --config {path} ({reason}): use one of {', '.join(p for p, _ in configs())}"
-    return text.splitlines()[-1] if "Traceback" in text else " ".join(text.split())
+        return f"cannot load --config {_config_path(argv)} ({reason}): use one of {shipped}"
+    if "Traceback" in text:  # an error raised by get_config(arg): its own message, without the exception's name
+        return re.sub(r"^\w+(Error|Exception): ", "", text.splitlines()[-1].strip())
+    return " ".join(text.split())

@@ -48,6 +48,26 @@ def test_a_missing_config_file_and_an_empty_workdir_are_one_line_errors(tmp_path
     assert not (ROOT / "checkpoints").exists() and not (ROOT / "config.json").exists()
 
 
+def test_broken_config_files_and_stray_words_are_one_line_errors(tmp_path):
+    (tmp_path / "syntax.py").write_text("def get_config(arg=None)\n    return None\n")
+    (tmp_path / "no_function.py").write_text("BATCH = 8\n")
+    cases = {
+        ("demo.py:smoke", "--config.data.flip", "False"):  # a space where '=' was meant: flip stayed True
+            "error: unexpected argument(s) 'False': this command takes none; write every flag as --name=value",
+        ("demo.py:smoke", "--config.init_from=", str(tmp_path)):
+            f"error: unexpected argument(s) {str(tmp_path)!r}: this command takes none",
+        (str(tmp_path / "syntax.py"),): f"error: cannot load --config {tmp_path / 'syntax.py'} (line 1: expected ':')",
+        (str(tmp_path / "no_function.py"),):
+            f"error: cannot load --config {tmp_path / 'no_function.py'}: a config file defines get_config(arg=None)",
+        ("demo.py:nonsense",): "error: unknown config argument 'nonsense': use 'smoke' or nothing",
+    }
+    for (config, *overrides), start in cases.items():
+        proc = run_train(config, tmp_path / "run", *overrides, check=False)
+        assert proc.returncode == 1 and proc.stderr.strip().startswith(start), proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command", [["train.py"], ["-m", "bagjax.experiments.heads"]])
 def test_help_lists_the_configs_and_the_common_overrides(command):
     proc = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=train_env(), capture_output=True,
