@@ -9,7 +9,7 @@ once and prints what it chose:
 - classes: the label directories of ``train``;
 - image size: the median shorter side of (up to 256 of) the train images, a multiple of 8, at most 224;
 - model: the BagNet with the largest receptive field that still gives a grid of at least 3x3 patches at that
-  size (bag-of-features needs a bag); image size at least its receptive field;
+  size (bag-of-features needs a bag); images too small for even BagNet-9's 3x3 grid are upscaled until it fits;
 - model size: narrow and shallow for small sets (< 10,000 images: width 16, one block a stage; < 100,000:
   width 32, two blocks), the paper's BagNet above;
 - augmentation: small images (< 64 px) get CIFAR-like crops that keep at least 64% of the area (80% of the side)
@@ -96,10 +96,16 @@ def recipe(config, found: dict):
         width, stages = 32, (2, 2, 2, 2)
     else:
         width, stages = 64, (3, 4, 6, 3)
-    fits = [m for m in ("bagnet33", "bagnet17") if bagnet.grid_size(size, bagnet.KERNEL3[m], stages) >= MIN_GRID]
+    fits = [m for m in ("bagnet33", "bagnet17", "bagnet9")
+            if bagnet.grid_size(size, bagnet.KERNEL3[m], stages) >= MIN_GRID]
     config.model = fits[0] if fits else "bagnet9"
     rf = bagnet.receptive_field(bagnet.KERNEL3[config.model], stages)[0]
-    config.image_size = max(size, rf)
+    upscaled = ""
+    if not fits:  # too small for any bag of 3x3 patches: upscale to the smallest size that gives one
+        size = next(s for s in range(size, 225, 8)
+                    if bagnet.grid_size(s, bagnet.KERNEL3["bagnet9"], stages) >= MIN_GRID)
+        upscaled = f" (upscaled: bagnet9 needs {size} px for {MIN_GRID}x{MIN_GRID} patches)"
+    config.image_size = size
     config.model_kwargs.width, config.model_kwargs.stage_sizes = width, stages
     config.dataset = f"imagefolder:{found['root']}"
     config.num_classes = -1  # the label directories
@@ -122,7 +128,7 @@ def recipe(config, found: dict):
     config.schedule.warmup_epochs = 1.0
     print(f"folder recipe for {found['root']}: {len(found['classes'])} classes, {n} train images "
           f"(eval: {config.data.eval_split}), typical size {found['typical_size']} px -> {config.model} "
-          f"(receptive field {rf} px, width {width}, blocks {stages}) at {config.image_size} px, crops keep >= "
+          f"(receptive field {rf} px, width {width}, blocks {stages}) at {config.image_size} px{upscaled}, crops keep >= "
           f"{config.data.crop_min_area:.0%}{'' if config.data.flip else ', no flips (grayscale)'}, "
           f"batch {config.batch_size}, {config.num_epochs:.0f} epochs ({steps} steps), precise BN over "
           f"{config.precise_bn.num_batches} batches; change any with --config.KEY=VALUE", flush=True)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from bagjax import data
 from bagjax.models import create_model
@@ -213,6 +214,23 @@ def test_folder_recipe_follows_the_data(digits):
     assert config.data.crop_min_area == 0.64 and not config.data.flip and config.batch_size == 64
     with pytest.raises(ValueError, match="train/<label>"):
         folder.get_config(str(digits / "train"))
+
+
+@pytest.mark.parametrize("side,model,size", [(6, "bagnet9", 32), (24, "bagnet9", 32), (40, "bagnet17", 40)])
+def test_folder_recipe_upscales_images_too_small_for_a_bag_of_patches(tmp_path, capsys, side, model, size):
+    from configs import folder
+    from bagjax.models import bagnet
+
+    for split in ("train", "validation"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (side, side), (80 * i, 0, 0)).save(tmp_path / split / label / f"{i}.png")
+    config = folder.get_config(str(tmp_path))
+    assert (config.model, config.image_size) == (model, size)
+    grid = bagnet.grid_size(size, bagnet.KERNEL3[model], config.model_kwargs.stage_sizes)
+    assert grid >= 3 and (model != "bagnet9" or grid == 3)
+    assert ("(upscaled: bagnet9 needs 32 px for 3x3 patches)" in capsys.readouterr().out) == (side < 32)
 
 
 def test_folder_config_learns_real_digits_with_trustworthy_eval_mode(digits, tmp_path):
