@@ -1,4 +1,5 @@
-"""The classifier heads against hand-computed values (Qian 2020 ch. 3 and appendix A; Hoffer et al. 2018)."""
+"""The classifier heads against hand-computed values (Qian 2020 ch. 3 and appendix A; Hoffer et al. 2018), and the
+identity head trained on real images (scikit-learn's digits)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,8 @@ import pytest
 from bagjax.models import create_model
 from bagjax.models.heads import Head, hadamard_matrix, orthogonal_matrix
 from bagjax.models.resnet import Bottleneck
+from digits import write_digits_folder
+from trainutil import read_metrics, run_train
 
 # Two feature vectors with n_c = 4: |h| = 5 and |h| = 2.
 FEATURES = np.array([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]], np.float32)
@@ -105,3 +108,13 @@ def test_fixed_matrices_are_not_parameters_gradients_or_optimizer_state(head, ke
     for tree in (variables, grads, opt_state):
         assert all(leaf.shape != (10, 128) and leaf.shape != (128, 10) for leaf in jax.tree.leaves(tree))
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["head"]))
+
+
+def test_identity_head_learns_real_digits_with_trustworthy_eval_mode(tmp_path):
+    """No classifier layer (thesis ch. 3) on real images: >= 94% on the 359 held-out digits with the folder recipe
+    (95.5 / 95.3 / 95.0 % for seeds 0 / 1 / 2; the learned head 96.4 %), eval mode within 2 points of batch statistics."""
+    digits = write_digits_folder(tmp_path / "digits")
+    run_train(f"folder.py:{digits}", tmp_path / "run", "--config.head=identity", "--config.heatmap_images=0")
+    final = [m for m in read_metrics(tmp_path / "run") if "guard_eval_accuracy" in m][-1]
+    assert final["eval_count"] == 359 and final["eval_accuracy"] >= 0.94, final
+    assert abs(final["guard_eval_accuracy"] - final["guard_batch_stats_accuracy"]) <= 0.02, final
