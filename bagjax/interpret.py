@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -383,3 +384,8 @@ def save_heatmap_figure(path: str | os.PathLike, images: jax.Array | np.ndarray,
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit("error: bagjax.interpret is the heatmap library (see its docstring); for the heatmaps of image files "
+             "run python -m bagjax.predict --workdir WORKDIR IMAGE|FOLDER [--stride1]")

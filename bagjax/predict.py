@@ -1,6 +1,6 @@
 """Classify image files with a trained workdir and draw where the evidence is.
 
-    python -m bagjax.predict --workdir runs/demo IMAGE [IMAGE ...] [--out DIR] [--stride1]
+    python -m bagjax.predict --workdir runs/demo IMAGE|FOLDER [...] [--out DIR] [--stride1]
 
 Prints the top-5 classes with probabilities for each image and writes ``<out>/<image stem>_heatmap.png``
 (``<stem>-2_heatmap.png`` for a second image of that stem): the evidence map of the top class. For a BagNet
@@ -38,6 +38,22 @@ def preprocess(path: str, config) -> np.ndarray:
     return data.preprocess_for_eval(image, config.image_size, config.data.crop_fraction)
 
 
+def image_files(paths: list[str]) -> list[str]:
+    """The files to classify: a directory stands for its images (sorted; the extensions imagefolder reads)."""
+    from bagjax.data.sources import IMAGE_EXTENSIONS
+
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            print(f"{path}: skipped (a directory without {'/'.join(IMAGE_EXTENSIONS)} files)", file=sys.stderr)
+        files += found
+    return files
+
+
 def evidence_map(trained, image: np.ndarray, cls: int, stride1: bool) -> np.ndarray | None:
     """The top class's evidence map, or None for a model that has none."""
     model, variables = trained.model, trained.variables
@@ -68,7 +84,7 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
     normalize = jax.jit(data.normalize)  # uint8 to the device, normalized there
     results = []
     stems: dict[str, int] = {}
-    for path in images:
+    for path in image_files(images):
         try:
             pixels = preprocess(path, trained.config)
         except (ValueError, OSError) as e:
@@ -102,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="a training workdir (python train.py ... --workdir)")
     parser.add_argument("--out", help="where the heatmap PNGs go (default: WORKDIR/predictions)")
     parser.add_argument("--stride1", action="store_true", help="exact per-pixel BagNet heatmap (slower)")
-    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...) or folders of them")
     args = parser.parse_args(argv)
     try:
         results = predict(args.workdir, args.images, args.out, args.stride1)

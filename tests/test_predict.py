@@ -34,8 +34,9 @@ def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(trained, tmp_
     same_stem = tmp_path / "other" / "photo.png"
     Image.fromarray(rng.integers(0, 255, (60, 50, 3), dtype=np.uint8)).save(same_stem)
 
+    (tmp_path / "empty").mkdir()
     proc = subprocess.run([sys.executable, "-m", "bagjax.predict", "--workdir", str(workdir), "--stride1",
-                           str(image), str(gray), str(broken), str(same_stem)],
+                           str(image), str(gray), str(broken), str(tmp_path / "other"), str(tmp_path / "empty")],
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "read only" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr  # orbax's read-only notes
@@ -49,7 +50,8 @@ def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(trained, tmp_
         assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 100) < 0.1
         pixels = figutil.read_figure(workdir / "predictions" / f"{name}_heatmap.png", (600, 300))  # image + map
         assert (figutil.red(pixels[:, 300:]) | figutil.blue(pixels[:, 300:])).mean() > 0.1
-    assert "broken.jpg: skipped" in proc.stderr
+    assert "broken.jpg: skipped" in proc.stderr  # a folder stands for its images; an empty one is skipped too
+    assert f"{same_stem}:" in lines and f"{tmp_path / 'empty'}: skipped (a directory without" in proc.stderr
 
 
 def test_predict_on_a_directory_that_is_not_a_workdir_is_one_line(tmp_path):
@@ -99,3 +101,11 @@ def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(trained, tmp_pa
         shutil.copytree(workdir, copy)
         damage(copy)
         assert expected[name] in _predict_error(capsys, "--workdir", str(copy), str(image)), name
+
+
+def test_running_the_interpret_library_points_to_predict():
+    proc = subprocess.run([sys.executable, "-m", "bagjax.interpret", "--workdir", "run", "photo.jpg"], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: bagjax.interpret is the heatmap library (see its docstring); for the heatmaps of image files run "
+        "python -m bagjax.predict --workdir WORKDIR IMAGE|FOLDER [--stride1]"], proc.stderr
