@@ -256,12 +256,19 @@ def test_every_bad_value_is_refused_by_the_checks_that_run_before_anything_is_wr
     checks.check_values(demo.get_config("smoke"))  # the shipped values pass
 
 
-def test_an_empty_workdir_flag_is_refused():
+def test_an_empty_workdir_flag_and_a_workdirs_checkpoints_folder_are_refused(tmp_path):
     from bagjax.training import checks
 
     for workdir in ("", "  "):
         with pytest.raises(ValueError, match="--workdir is empty"):
             checks.check_workdir_arg(workdir)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    checks.check_workdir_arg(str(tmp_path / "run" / "checkpoints"))  # a directory of that name is fine on its own
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"is the checkpoints/ folder of the workdir {tmp_path / 'run'}: use "
+                                         f"--workdir {tmp_path / 'run'} to resume that run"):
+        checks.check_workdir_arg(str(tmp_path / "run" / "checkpoints") + "/")
+    checks.check_workdir_arg(str(tmp_path / "run"))
 
 
 def test_a_nonfinite_eval_loss_stops_the_run_without_saving(tmp_path):

@@ -8,6 +8,7 @@ Checks that need the model or the devices stay in ``loop.check_config``; these n
 from __future__ import annotations
 
 import math
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -45,9 +46,14 @@ def _in_range(config: ml_collections.ConfigDict, key: str, low: float, high: flo
 
 
 def check_workdir_arg(workdir: str | None) -> None:
-    """An empty ``--workdir=`` would train into the current directory."""
+    """An empty ``--workdir=`` would train into the current directory, and a workdir's own ``checkpoints/``
+    (a slip of tab completion) would start a second run inside the first one's checkpoint folder."""
     if not workdir or not str(workdir).strip():
         raise ValueError("--workdir is empty: give the directory for checkpoints and metrics, e.g. --workdir runs/demo")
+    path = pathlib.Path(workdir).expanduser().resolve()
+    if path.name == "checkpoints" and (path.parent / "config.json").is_file():
+        raise ValueError(f"--workdir {workdir} is the checkpoints/ folder of the workdir {path.parent}: "
+                         f"use --workdir {path.parent} to resume that run, or a new directory for a new one")
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
