@@ -233,15 +233,21 @@ def write_pretrained(out_dir: str | os.PathLike, variables: Mapping[str, Any], *
     (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def check_pretrained(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as an absolute path if it looks like a `write_pretrained` directory, else a one-line error."""
+    path = pathlib.Path(path).absolute()
+    if not (path / "model.json").is_file() or not (path / "variables").is_dir():
+        raise ValueError(f"{path} is not a converted checkpoint (no model.json + variables/): "
+                         "create one with python -m bagjax.convert")
+    return path
+
+
 def read_pretrained(path: str | os.PathLike) -> tuple[dict, dict]:
     """(variables as numpy, meta) from a directory written by `write_pretrained`."""
     import jax
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).absolute()
-    if not (path / "model.json").is_file() or not (path / "variables").is_dir():
-        raise ValueError(f"{path} is not a converted checkpoint (no model.json + variables/): "
-                         "create one with python -m bagjax.convert")
+    path = check_pretrained(path)
     meta = json.loads((path / "model.json").read_text())
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(path / "variables")

@@ -65,3 +65,12 @@ def test_init_from_a_training_workdir_takes_every_array(frozen_run, tmp_path):
     assert set(after) == set(loaded) and "params/head/kernel" in loaded
     for key in loaded:
         np.testing.assert_array_equal(after[key], loaded[key], err_msg=key)
+
+
+def test_init_from_a_directory_that_holds_no_weights_is_refused_before_the_workdir_is_touched(tmp_path):
+    (tmp_path / "not_weights").mkdir()
+    proc = run_train("demo.py:smoke", tmp_path / "run", f"--config.init_from={tmp_path / 'not_weights'}", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'not_weights'} is not a converted checkpoint (no model.json + variables/): create one "
+        "with python -m bagjax.convert"], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # no lock, no empty checkpoints/

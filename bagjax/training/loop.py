@@ -146,7 +146,9 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
         raise FileNotFoundError(f"init_from {config.init_from} does not exist: convert the official weights with "
                                 f"python -m bagjax.convert --model {config.model} --torch-weights FILE --out "
                                 f"{config.init_from}, or train from scratch with --config.init_from=''")
-    from bagjax.convert import reduced_precision_warning
+    from bagjax.convert import check_pretrained, reduced_precision_warning
+    if config.init_from and not checkpoints.is_workdir(config.init_from):
+        check_pretrained(config.init_from)  # refused before the workdir is locked or written
     if config.init_from and (warning := reduced_precision_warning(config.init_from, config.dtype)):
         print(warning, flush=True)
     try:
