@@ -216,9 +216,14 @@ def write_pretrained(out_dir: str | os.PathLike, variables: Mapping[str, Any], *
     """Write `out_dir/variables` (orbax) and `out_dir/model.json` {model, num_classes, head, source, bagjax_version}."""
     import orbax.checkpoint as ocp
 
+    from bagjax.training.checkpoints import is_workdir
+
     out = pathlib.Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory")
+    if is_workdir(out):  # init_from would then read the training checkpoint, not these weights
+        raise ValueError(f"--out {out} is a training workdir: write the converted weights to a directory of "
+                         "their own (init_from takes either kind)")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"--out {out} is not empty: pass --overwrite or choose another directory")

@@ -186,6 +186,11 @@ def test_write_refuses_to_overwrite_and_read_rejects_other_dirs(tmp_path: pathli
     assert json.loads((tmp_path / "out" / "model.json").read_text()) == meta
     with pytest.raises(ValueError, match="is not a converted checkpoint"):
         convert.read_pretrained(tmp_path)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a training workdir: write the converted weights to a directory"):
+        convert.write_pretrained(tmp_path / "run", variables, model="bagnet33", num_classes=2, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.json"]
 
 
 def test_reading_pth_without_torch_says_how_to_install(tmp_path: pathlib.Path, monkeypatch):
