@@ -148,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="number of JAX processes (default 2)")
     parser.add_argument("--devices-per-process", type=int, default=1, help="CPU devices per process (default 1)")
     parser.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        hint = "" if command else f"; put the command after --: python -m bagjax.launch ... -- {' '.join(extra)}"
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     try:
         return launch(command, processes=args.processes, devices_per_process=args.devices_per_process,
                       port=args.port)

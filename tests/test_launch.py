@@ -61,6 +61,15 @@ def test_launcher_prefixes_every_line_with_the_rank_and_exits_0():
     assert sorted(lines) == sorted(f"[{r}] {w} {r}" for r in range(3) for w in ("hello from", "bye")), lines
 
 
+def test_a_command_without_the_separator_is_refused_with_a_hint(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["--processes", "2", "train.py", "--workdir", "w"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m bagjax.launch: error: unrecognized arguments: train.py --workdir w; put the command after --: "
+        "python -m bagjax.launch ... -- train.py --workdir w")
+
+
 def test_a_failing_process_kills_the_others_and_its_status_is_returned():
     script = ("import os, sys, time; r = int(os.environ['JAX_PROCESS_ID']); print('started', r, flush=True)\n"
               "if r == 1: time.sleep(1); sys.exit(3)\n"
