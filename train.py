@@ -18,6 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bagjax.data import DatasetUnavailableError  # noqa: E402
+from configs import default as default_config  # noqa: E402
 from bagjax.training.checkpoints import DiskFullError  # noqa: E402
 from bagjax.training.lock import WorkdirLockedError  # noqa: E402
 from bagjax.training.loop import NonFiniteLossError  # noqa: E402
@@ -68,6 +69,8 @@ def run():
             sys.exit(f"error: {cli.flag_error(e, sys.argv)}")
         if len(rest) > 1:
             sys.exit(f"error: {cli.unexpected_arguments(rest[1:])}")
+        if unknown := cli.unknown_config_key(FLAGS.config, default_config.get_config()):
+            sys.exit(f"error: {unknown}")
         try:
             app.run(main, argv=[sys.argv[0]])
         except USER_ERRORS as e:

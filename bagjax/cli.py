@@ -7,6 +7,7 @@ command with one line saying so (the training loop installs its own handlers, wh
 
 from __future__ import annotations
 
+import difflib
 import pathlib
 import re
 import signal
@@ -122,6 +123,26 @@ def unexpected_arguments(rest: Sequence[str]) -> str:
     words = " ".join(repr(w) for w in rest)
     return (f"unexpected argument(s) {words}: this command takes none; write every flag as --name=value "
             "(e.g. --config.data.flip=False, not --config.data.flip False)")
+
+
+def unknown_config_key(config, reference, prefix: str = "") -> str | None:
+    """One line for the first key a config file sets that ``reference`` (configs/default.py) does not have.
+
+    ``--config.KEY`` typos are refused by the locked config; a typo inside a config file would otherwise be
+    silently ignored. ``model_kwargs`` is free-form (the model's own arguments, checked when it is built).
+    """
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            return (f"the config sets {name!r}, which is not a bagjax config key{hint} (configs/default.py lists "
+                    "every key)")
+        if hasattr(value, "items") and key != "model_kwargs":
+            found = unknown_config_key(value, reference[key], f"{name}.")
+            if found:
+                return found
+    return None
 
 
 def flag_error(e: BaseException, argv: Sequence[str]) -> str:

@@ -51,6 +51,9 @@ def test_a_missing_config_file_and_an_empty_workdir_are_one_line_errors(tmp_path
 def test_broken_config_files_and_stray_words_are_one_line_errors(tmp_path):
     (tmp_path / "syntax.py").write_text("def get_config(arg=None)\n    return None\n")
     (tmp_path / "no_function.py").write_text("BATCH = 8\n")
+    (tmp_path / "typo.py").write_text("from configs import demo\n\ndef get_config(arg=None):\n"
+                                      "    c = demo.get_config(arg)\n    c.optimizer.learning_rat = 1e-3\n"
+                                      "    c.model_kwargs.width = 8\n    return c\n")
     cases = {
         ("demo.py:smoke", "--config.data.flip", "False"):  # a space where '=' was meant: flip stayed True
             "error: unexpected argument(s) 'False': this command takes none; write every flag as --name=value",
@@ -60,6 +63,9 @@ def test_broken_config_files_and_stray_words_are_one_line_errors(tmp_path):
         (str(tmp_path / "no_function.py"),):
             f"error: cannot load --config {tmp_path / 'no_function.py'}: a config file defines get_config(arg=None)",
         ("demo.py:nonsense",): "error: unknown config argument 'nonsense': use 'smoke' or nothing",
+        (str(tmp_path / "typo.py") + ":smoke",):  # a typo inside a config file was silently kept
+            "error: the config sets 'optimizer.learning_rat', which is not a bagjax config key; did you mean "
+            "'optimizer.learning_rate'? (configs/default.py lists every key)",
     }
     for (config, *overrides), start in cases.items():
         proc = run_train(config, tmp_path / "run", *overrides, check=False)
