@@ -138,7 +138,7 @@ def unknown_config_key(config, reference, prefix: str = "") -> str | None:
             hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             return (f"the config sets {name!r}, which is not a bagjax config key{hint} (configs/default.py lists "
                     "every key)")
-        if hasattr(value, "items") and key != "model_kwargs":
+        if hasattr(value, "items") and hasattr(reference[key], "items") and key != "model_kwargs":
             found = unknown_config_key(value, reference[key], f"{name}.")
             if found:
                 return found
