@@ -474,7 +474,7 @@ def test_worker_batches_at_a_scripts_top_level_fail_in_one_line_instead_of_hangi
 # ----------------------------------------------------------------- tfds
 
 
-@pytest.mark.parametrize('name', ['no_such_dataset_bagjax', 'tf_flowers'])
+@pytest.mark.parametrize('name', ['tf_flowers'])  # An unknown name: test_unknown_tfds_names_...
 def test_tfds_offline_error_is_one_actionable_line(tmp_path, name):
     from tensorflow_datasets.core.download import downloader
 
@@ -586,3 +586,40 @@ def test_synthetic_pipeline_never_imports_tensorflow():
     )
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize('spec, expected', [
+    ('tfds:tf_flower', "unknown tfds dataset 'tf_flower' (did you mean 'tf_flowers'"),
+    ('tfds:no_such_dataset_bagjax', "unknown tfds dataset 'no_such_dataset_bagjax'"),
+    ('tfds:tf_flowers/bad', "tfds dataset 'tf_flowers' has no config 'bad': it has none, use tfds:tf_flowers"),
+])
+def test_unknown_tfds_names_and_configs_are_one_line_with_suggestions(spec, expected, tmp_path, monkeypatch):
+    """A misspelt name was 'not prepared and cannot be downloaded here' in train.py and TFDS's 460-line list
+    of datasets in prepare; TFDS's own message for a bad config ends in an empty list."""
+    from bagjax.data import prepare
+
+    cfg = make_config(spec, data_dir=str(tmp_path))
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.dataset_info(cfg)
+    assert str(err.value).startswith(expected) and '\n' not in str(err.value), str(err.value)
+    assert 'cannot be downloaded' not in str(err.value)
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main([spec, '--data_dir', str(tmp_path)])
+    assert exit_.value.code == f'error: {err.value}'
+    monkeypatch.setenv('BAGJAX_TRACEBACK', '1')  # As train.py: the traceback on request.
+    with pytest.raises(data.DatasetUnavailableError):
+        prepare.main([spec, '--data_dir', str(tmp_path)])
+
+
+@pytest.mark.parametrize('argv, expected', [
+    ([], 'error: the following arguments are required: dataset; usage: python -m bagjax.data.prepare '),
+    (['imagefolder:x'], "error: expected tfds:NAME[/CONFIG], got 'imagefolder:x' (imagefolder and synthetic "),
+    (['tfds:x', '--bogus'], 'error: unrecognized arguments: --bogus; usage: python -m bagjax.data.prepare '),
+])
+def test_prepare_command_line_mistakes_are_one_line(argv, expected, capsys):
+    from bagjax.data import prepare
+
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main(argv)
+    assert isinstance(exit_.value.code, str) and exit_.value.code.startswith(expected), exit_.value.code
+    assert '\n' not in exit_.value.code and capsys.readouterr().err == ''

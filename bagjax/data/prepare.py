@@ -16,6 +16,7 @@ TFRecord files stay; the conversion can be rerun and skips finished shards.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import tqdm
@@ -54,17 +55,15 @@ def convert_to_array_record(builder) -> int:
     return len(shards)
 
 
+FLAGS = sources.Flags('--data_dir', '--manual_dir',
+                      'train.py --config.dataset=imagefolder:PATH with PATH/<split>/<label>/*.jpg (no prepare step)')
+
+
 def prepare(name: str, data_dir: str = '', manual_dir: str = '') -> str:
     """Prepares (or converts) tfds dataset `name` in ArrayRecord; returns what was done, in one line."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None, try_gcs=False)
-    except Exception as e:  # DatasetNotFoundError, bad config, registry errors.
-        raise sources.DatasetUnavailableError(f'tfds dataset {name!r}: {type(e).__name__}: {e}') from None
+    builder = sources.tfds_builder(name, data_dir)
     if not builder.is_prepared():
-        config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-        builder.download_and_prepare(download_config=config, file_format='array_record')
+        sources.download_and_prepare(builder, name, manual_dir, FLAGS)
         return f'prepared {name} in ArrayRecord in {builder.data_dir}'
     if sources.has_array_record(builder):
         return f'{name} in {builder.data_dir} already has ArrayRecord files: nothing to do'
@@ -72,18 +71,28 @@ def prepare(name: str, data_dir: str = '', manual_dir: str = '') -> str:
     return f'converted {written} shard(s) of {name} to ArrayRecord in {builder.data_dir}'
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line (with the usage) and exit status 1, like train.py's."""
+
+    def error(self, message):
+        sys.exit(f"error: {message}; {' '.join(self.format_usage().split())}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(prog='python -m bagjax.data.prepare', description=__doc__.splitlines()[0])
     parser.add_argument('dataset', help='tfds:NAME[/CONFIG], e.g. tfds:imagenet2012')
-    parser.add_argument('--data_dir', default='', help='the TFDS data_dir (default: TFDS default)')
-    parser.add_argument('--manual_dir', default='', help='manual downloads (e.g. the ImageNet tars)')
+    parser.add_argument('--data_dir', default='', metavar='DIR', help='the TFDS data_dir (default: TFDS default)')
+    parser.add_argument('--manual_dir', default='', metavar='DIR', help='manual downloads (e.g. the ImageNet tars)')
     args = parser.parse_args(argv)
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # As train.py: no TensorFlow start-up notes on stderr.
     kind, _, name = args.dataset.partition(':')
     if kind != 'tfds' or not name:
         parser.error(f"expected tfds:NAME[/CONFIG], got {args.dataset!r} (imagefolder and synthetic need no step)")
     try:
         print(prepare(name, args.data_dir, args.manual_dir), flush=True)
     except sources.DatasetUnavailableError as e:
+        if os.environ.get('BAGJAX_TRACEBACK') == '1':
+            raise
         sys.exit(f'error: {e}')
 
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import functools
 import logging
 import os
 import random
+import re
 import socket
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -328,30 +331,104 @@ class ImageFolderSource:
 def _failing_fast(seconds: float, retries: int):
     """Bounds every blocking socket call and TFDS's per-URL retries, so an offline download fails in seconds.
 
-    Both are process-wide settings, restored on exit: do not prepare two TFDS datasets from different threads.
+    urllib3's warning for each retry is silenced meanwhile (the failure itself is reported in one line). All
+    are process-wide settings, restored on exit: do not prepare two TFDS datasets from different threads.
     """
     from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
 
-    previous = socket.getdefaulttimeout(), getattr(downloader, 'MAX_RETRIES', None)
+    retry_log = logging.getLogger('urllib3.connectionpool')
+    previous = socket.getdefaulttimeout(), getattr(downloader, 'MAX_RETRIES', None), retry_log.level
     socket.setdefaulttimeout(seconds)
+    retry_log.setLevel(logging.ERROR)
     if previous[1] is not None:  # A module constant read at each request (tfds 4.9).
         downloader.MAX_RETRIES = min(retries, previous[1])
     try:
         yield
     finally:
         socket.setdefaulttimeout(previous[0])
+        retry_log.setLevel(previous[2])
         if previous[1] is not None:
             downloader.MAX_RETRIES = previous[1]
 
 
-def _unavailable(name: str, error: BaseException) -> DatasetUnavailableError:
-    reason = ' '.join(str(error).split('\n', 1)[0].split())[:200] or type(error).__name__
-    return DatasetUnavailableError(
-        f'tfds dataset {name!r} is not prepared and cannot be downloaded here '
-        f'({type(error).__name__}: {reason}); set config.data.data_dir to a TFDS data_dir '
-        'where it is prepared, config.data.manual_dir to a folder holding its manual '
-        "downloads, or use dataset='imagefolder:PATH' with PATH/<split>/<label>/*.jpg"
-    )
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """How a command's user sets TFDS's directories and the image-folder alternative (error messages name them)."""
+
+    data_dir: str
+    manual_dir: str
+    imagefolder: str
+
+
+CONFIG_FLAGS = Flags('config.data.data_dir', 'config.data.manual_dir',
+                     "dataset='imagefolder:PATH' with PATH/<split>/<label>/*.jpg")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ''
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as 'Type: its first line', with a failed connection shortened to the host it could not reach."""
+    text = ' '.join(str(error).split('\n', 1)[0].split())
+    host = re.search(r"host='([^']+)'", text)
+    if host:  # requests: "HTTPConnectionPool(host='H', port=P): Max retries exceeded ... (Caused by X(...))"
+        cause = re.search(r'Caused by (\w+)', text)
+        text = f'cannot reach {host[1]}' + (f': {cause[1]}' if cause and cause[1] != type(error).__name__ else '')
+    # TFDS's manual-dir assertion: keep the folder and the verdict (download_and_prepare adds the instructions).
+    text = text.removeprefix('Manual directory ').partition('. Create it and download')[0]
+    text = textwrap.shorten(text, 200, placeholder=' ...')  # Cut at a word, never inside one.
+    return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def tfds_builder(name: str, data_dir: str):
+    """tfds.builder for NAME[/CONFIG][:VERSION]; an unknown name or config is one line that suggests close ones."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    try:
+        return tfds.builder(name, data_dir=data_dir or None, try_gcs=False)
+    except Exception as e:  # DatasetNotFoundError, bad config or version, registry errors.
+        base, _, config = name.partition(':')[0].partition('/')
+        if isinstance(e, tfds.core.registered.DatasetNotFoundError):
+            known = tfds.list_builders(with_community_datasets=False)
+            message = (f'unknown tfds dataset {base!r}{_did_you_mean(base, known)}: the names are listed at '
+                       'https://www.tensorflow.org/datasets/catalog')
+        elif config and 'BuilderConfig' in str(e):  # TFDS's own message ends in an empty list of close names.
+            configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+            message = f'tfds dataset {base!r} has no config {config!r}' + (
+                f"{_did_you_mean(config, configs)}: its configs are {', '.join(configs)}" if configs
+                else f': it has none, use tfds:{base}')
+        else:
+            message = f'tfds dataset {name!r}: {_reason(e)}'
+        raise DatasetUnavailableError(message) from None
+
+
+def _is_missing_manual_file(error: BaseException) -> bool:
+    return ('Manual directory' in str(error) or isinstance(error, FileNotFoundError)
+            or type(error).__name__ == 'NotFoundError')  # tf.errors.NotFoundError from tf.io.gfile
+
+
+def download_and_prepare(builder, name: str, manual_dir: str, flags: Flags = CONFIG_FLAGS) -> None:
+    """Downloads and prepares a builder in ArrayRecord, failing within seconds offline, in one line."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    try:
+        with _failing_fast(_DOWNLOAD_SOCKET_TIMEOUT_S, _DOWNLOAD_RETRIES):
+            builder.download_and_prepare(download_config=config, file_format='array_record')
+    except Exception as e:  # Network, checksum, manual-dir and import errors alike.
+        instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+        if instructions and _is_missing_manual_file(e):
+            raise DatasetUnavailableError(
+                f'tfds dataset {name!r} needs files downloaded by hand, in the folder given as {flags.manual_dir} '
+                f"({_reason(e)}): {' '.join(instructions.split())}"
+            ) from None
+        raise DatasetUnavailableError(
+            f'tfds dataset {name!r} is not prepared and cannot be downloaded here ({_reason(e)}): prepare it '
+            f"where there is a network (`{prepare_command(name, 'DIR')}`) and point {flags.data_dir} at a copy "
+            f'of DIR, put the files it downloads in {flags.manual_dir}, or use {flags.imagefolder}'
+        ) from None
 
 
 def has_array_record(builder) -> bool:
@@ -381,17 +458,9 @@ class TfdsSource:
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
         self.name = name
-        try:
-            builder = tfds.builder(name, data_dir=options.data_dir or None, try_gcs=False)
-        except Exception as e:  # DatasetNotFoundError, bad config, registry errors.
-            raise _unavailable(name, e) from None
+        builder = tfds_builder(name, options.data_dir)
         if not builder.is_prepared():
-            config = tfds.download.DownloadConfig(manual_dir=options.manual_dir or None)
-            try:
-                with _failing_fast(_DOWNLOAD_SOCKET_TIMEOUT_S, _DOWNLOAD_RETRIES):
-                    builder.download_and_prepare(download_config=config, file_format='array_record')
-            except Exception as e:  # Network, checksum, manual-dir and import errors alike.
-                raise _unavailable(name, e) from None
+            download_and_prepare(builder, name, options.manual_dir)
         if not has_array_record(builder):
             raise DatasetUnavailableError(
                 f'tfds dataset {name!r} in {builder.data_dir} is stored as '
