@@ -1,5 +1,6 @@
 """Patch/channel blackout (Zou, Yan & Liu, sections 5-6, Table 1) and sparse kept-patch evaluation."""
 
+import errno
 import json
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import figutil
-from bagjax import blackout, data, patches
+from bagjax import blackout, cli, data, patches
 from bagjax.experiments import blackout as experiment
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
@@ -183,6 +184,27 @@ def test_bad_out_and_missing_dataset_are_one_line_before_any_work(smoke, tmp_pat
         assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert expected in lines[0], lines
     assert afile.read_text() == "keep me" and not (moved / "blackout").exists()
+
+
+def test_run_main_turns_system_and_data_errors_into_one_line(monkeypatch):
+    """What the experiment commands print for an OSError from the system and an unavailable dataset."""
+    def fails(error):
+        def main():
+            raise error
+        return main
+
+    for error, line in ((FileExistsError(errno.EEXIST, "File exists", "/r/afile"),
+                         "error: File exists: /r/afile: a file is in the way: give a directory path"),
+                        (OSError(errno.ENOSPC, "No space left on device", "/r/x.png"),
+                         "error: No space left on device: /r/x.png: free disk space and rerun the same command"),
+                        (data.DatasetUnavailableError("tfds dataset 'x' is not\nprepared"),
+                         "error: tfds dataset 'x' is not prepared")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_main(fails(error))
+        assert exit_.value.code == line
+    monkeypatch.setenv("BAGJAX_TRACEBACK", "1")
+    with pytest.raises(FileExistsError):
+        cli.run_main(fails(FileExistsError(errno.EEXIST, "File exists", "/r/afile")))
 
 
 def test_split_option_evaluates_another_split(smoke, tmp_path):
