@@ -7,7 +7,10 @@ command with one line saying so (the training loop installs its own handlers, wh
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import errno
+import os
 import pathlib
 import re
 import signal
@@ -68,14 +71,73 @@ def interrupted_exit(e: Interrupted) -> None:
     sys.exit(128 + e.signum)
 
 
-def run_main(main: Callable[[], object], errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
-                                                                                     TypeError)) -> None:
-    """Run a command's ``main`` (the experiment commands): the user errors in ``errors`` become one
-    ``error: ...`` line and exit status 1."""
+def run_main(main: Callable[[], object], errors: tuple[type[BaseException], ...] = (ValueError, TypeError)) -> None:
+    """Run a command's ``main`` (the experiment commands): the user errors in ``errors``, any ``OSError`` (a path,
+    a permission, a full disk) and ``DatasetUnavailableError`` become one ``error: ...`` line and exit status 1
+    (``BAGJAX_TRACEBACK=1`` shows their traceback instead)."""
+    from bagjax.data.sources import DatasetUnavailableError
+
     try:
         main()
-    except errors as e:
-        sys.exit(f"error: {e}")
+    except (*errors, OSError, DatasetUnavailableError) as e:
+        if os.environ.get("BAGJAX_TRACEBACK") == "1":
+            raise
+        sys.exit(f"error: {error_line(e)}")
+
+
+_OS_ERROR_HINTS = {errno.EEXIST: "a file is in the way: give a directory path",
+                   errno.ENOTDIR: "a file is in the way: give a directory path",
+                   errno.EACCES: "choose a path you can write to, or fix its permissions",
+                   errno.EPERM: "choose a path you can write to, or fix its permissions",
+                   errno.EROFS: "choose a path on a writable file system",
+                   errno.ENOSPC: "free disk space and rerun the same command"}
+
+
+def error_line(e: BaseException) -> str:
+    """A user error as one line; an ``OSError`` raised by the system names its file and what to do about it."""
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}: {_OS_ERROR_HINTS.get(e.errno, 'check that path')}"
+    return " ".join(str(e).split())
+
+
+def check_output_dir(path: str | pathlib.Path, flag: str = "--out") -> pathlib.Path:
+    """``path``, checked as the directory a command writes its results to once its long work is done: a file in
+    the way or a parent without write permission is a one-line error now, not a traceback after the work.
+    Nothing is created (a command whose input turns out bad leaves no empty folder behind)."""
+    path = pathlib.Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise PermissionError(f"{flag} {path}: cannot write in {p}: choose a directory you can write to")
+            return path
+        if p.exists() or p.is_symlink():  # a file, or a link to nothing
+            raise ValueError(f"{flag} {path}: {p} is a file, not a directory: give a directory to write the results "
+                             "to (it is created if missing)")
+    return path
+
+
+def check_workdir_dataset(config, workdir: str | pathlib.Path) -> None:
+    """Open the dataset a workdir was trained on (its ``config.json``) before any long work.
+
+    The commands that read a workdir have no ``--config`` flag, so the data errors' advice (set
+    ``config.data.data_dir``, ...) is turned into where to do that: the workdir's ``config.json``.
+    """
+    from bagjax import data
+
+    try:
+        data.dataset_info(config)
+    except (data.DatasetUnavailableError, ValueError) as e:
+        raise type(e)(f"{' '.join(str(e).split())} (this command takes the dataset from "
+                      f"{pathlib.Path(workdir) / 'config.json'}: edit \"dataset\" there, or \"data_dir\" / "
+                      "\"manual_dir\" under \"data\", to where the data is now)") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one ``error: ...`` line and exit status 1, like every other error."""
+
+    def error(self, message: str):
+        sys.exit(f"error: {message} (see {self.prog} --help)")
 
 
 def configs() -> list[tuple[str, str]]:
@@ -118,11 +180,11 @@ def _config_path(argv: Sequence[str]) -> str:
                  if a.split("=", 1)[0] == "--config" and ("=" in a or i + 2 < len(argv))), "?")
 
 
-def unexpected_arguments(rest: Sequence[str]) -> str:
+def unexpected_arguments(rest: Sequence[str],
+                         example: str = "--config.data.flip=False, not --config.data.flip False") -> str:
     """One line for positional words absl left over, e.g. from ``--config.data.flip False`` (a space, not '=')."""
     words = " ".join(repr(w) for w in rest)
-    return (f"unexpected argument(s) {words}: this command takes none; write every flag as --name=value "
-            "(e.g. --config.data.flip=False, not --config.data.flip False)")
+    return f"unexpected argument(s) {words}: this command takes none; write every flag as --name=value (e.g. {example})"
 
 
 def unknown_config_key(config, reference, prefix: str = "") -> str | None:

@@ -1,5 +1,8 @@
 """Patch/channel blackout (Zou, Yan & Liu, sections 5-6, Table 1) and sparse kept-patch evaluation."""
 
+import errno
+import json
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 import figutil
-from bagjax import blackout, data, patches
+from bagjax import blackout, cli, data, patches
 from bagjax.experiments import blackout as experiment
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
@@ -149,6 +152,59 @@ def test_cli_rejects_bad_arguments(smoke, tmp_path):
         experiment.main(["--workdir", str(workdir), "--out", str(tmp_path), "--seeds", "0"])
     with pytest.raises(SystemExit):
         experiment.main(["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--compute-batch", "0"], "--compute-batch must be at least 1"),
+    (["--compute-image-size", "20"], "--compute-image-size must be at least 33 px"),
+    (["--compute-keeps", ""], "give at least one --compute-keeps"),
+    (["--compute-keeps", "0.5,2"], r"--compute-keeps must lie in \[0, 1\], got \[2.0\]")])
+def test_compute_table_checks_its_numbers_before_computing(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        experiment.main(["--compute-table", "--out", str(tmp_path / "out"), *args])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_out_and_missing_dataset_are_one_line_before_any_work(smoke, tmp_path):
+    """--out naming a file, and a workdir whose dataset is gone: one line, exit 1, nothing evaluated or touched."""
+    workdir, _, _ = smoke
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "dataset": f"imagefolder:{tmp_path / 'gone'}"}))
+    for run, expected in ((["--workdir", str(workdir), "--out", str(afile)], f"{afile} is a file, not a directory"),
+                          (["--compute-table", "--compute-batch", "0", "--out", str(tmp_path)],
+                           "--compute-batch must be at least 1"),
+                          (["--workdir", str(moved)], f"takes the dataset from {moved / 'config.json'}: edit")):
+        proc = subprocess.run([sys.executable, "-m", "bagjax.experiments.blackout", *run], cwd=ROOT, env=train_env(),
+                              capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert expected in lines[0], lines
+    assert afile.read_text() == "keep me" and not (moved / "blackout").exists()
+
+
+def test_run_main_turns_system_and_data_errors_into_one_line(monkeypatch):
+    """What the experiment commands print for an OSError from the system and an unavailable dataset."""
+    def fails(error):
+        def main():
+            raise error
+        return main
+
+    for error, line in ((FileExistsError(errno.EEXIST, "File exists", "/r/afile"),
+                         "error: File exists: /r/afile: a file is in the way: give a directory path"),
+                        (OSError(errno.ENOSPC, "No space left on device", "/r/x.png"),
+                         "error: No space left on device: /r/x.png: free disk space and rerun the same command"),
+                        (data.DatasetUnavailableError("tfds dataset 'x' is not\nprepared"),
+                         "error: tfds dataset 'x' is not prepared")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_main(fails(error))
+        assert exit_.value.code == line
+    monkeypatch.setenv("BAGJAX_TRACEBACK", "1")
+    with pytest.raises(FileExistsError):
+        cli.run_main(fails(FileExistsError(errno.EEXIST, "File exists", "/r/afile")))
 
 
 def test_split_option_evaluates_another_split(smoke, tmp_path):

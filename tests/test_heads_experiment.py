@@ -54,6 +54,36 @@ def test_heads_cli_rejects_an_unknown_head_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown head(s) lerned")
 
 
+def test_heads_cli_refuses_bad_input_in_one_line_before_training(tmp_path):
+    """Extra words, empty or repeated --heads, an --out that is a file, and a head the model does not support:
+    one line, exit 1, and nothing trained."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    workdir = tmp_path / "runs"
+    cases = [(["--heads", "learned", "extra"], "error: unexpected argument(s) 'extra': this command takes none; "
+                                                "write every flag as --name=value"),
+             (["--heads="], "error: give at least one head"), (["--heads= , "], "error: give at least one head"),
+             (["--heads=learned,identity,learned"], "error: --heads lists learned twice: give each head once"),
+             ([f"--out={afile}", "--heads=learned"], f"error: --out {afile}: {afile} is a file, not a directory")]
+    for args, expected in cases:
+        proc = _heads_cli(workdir, *args)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+        assert proc.stderr.startswith(expected), proc.stderr
+    # AnchorNet's classifier is its own: the identity head is refused before the learned head trains.
+    proc = subprocess.run([sys.executable, "-m", "bagjax.experiments.heads",
+                           f"--config={ROOT / 'configs' / 'anchornet_demo.py'}:smoke", f"--workdir={workdir}",
+                           "--heads=learned,identity"], cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: AnchorNet only supports head='learned' (its classifier is the per-branch linear 1x1 conv of "
+        "Table 2); got head='identity'"], proc.stderr
+    assert not workdir.exists() and afile.read_text() == "keep me"
+
+
+def test_check_heads_drops_blanks():
+    assert heads.check_heads(["learned", " identity", ""], 1) == ["learned", "identity"]
+
+
 def test_run_config_overrides_head_and_seed_on_a_copy():
     from configs import demo
 

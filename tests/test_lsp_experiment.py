@@ -99,6 +99,23 @@ def test_lsp_rejects_inputs_below_the_classifiers_receptive_field(workdirs):
         lsp.main([f"--workdir={anchor}", f"--downstream={demo}", "--input-scale=0.2"])
 
 
+def test_lsp_refuses_an_out_that_is_a_file_in_one_line_before_localizing(workdirs, tmp_path):
+    anchor, demo = workdirs
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    proc = run_cmd([sys.executable, "-m", "bagjax.experiments.lsp", f"--workdir={anchor}", f"--downstream={demo}",
+                    f"--out={afile}"], train_env(), check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: --out {afile}: {afile} is a file, not a directory: give a directory to write the results to (it "
+        "is created if missing)"], proc.stderr
+    assert afile.read_text() == "keep me"
+
+
+def test_lsp_checks_figure_images_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="--figure-images must be 0"):
+        lsp.main([f"--workdir={tmp_path / 'missing'}", f"--downstream={tmp_path / 'missing'}", "--figure-images=-1"])
+
+
 def test_gather_patches_cuts_each_box_from_its_image():
     images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 70, 80, 3)), jnp.float32)
     index = np.array([2, 0, 2], np.int32)

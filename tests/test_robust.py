@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from bagjax import attack, patches, robust
 from bagjax.experiments import patch_robustness
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
+from trainutil import ROOT, train_env
 
 
 @pytest.fixture(scope="module")
@@ -281,11 +284,25 @@ def test_pgd_patch_attack_never_breaks_a_certified_image(smoke, defense, kwargs)
 # ----------------------------------------------------------------------------------------------- command
 def test_patch_sizes_are_area_fractions_rounded_up_like_patchguard():
     # PatchGuard: 1%, 2% and 3% of a 224 px image are 23, 32 and 39 px patches
-    assert patch_robustness.parse_patch_sizes("1%,2%, 3%,12px,5", 224) == [
-        ("1%", 23), ("2%", 32), ("3%", 39), ("12px", 12), ("5", 5)]
-    for bad, match in (("0px", "does not fit"), ("101%", "does not fit"), ("4pct", "bad patch size"), ("", "at least")):
+    assert patch_robustness.parse_patch_sizes("1%,2%, 3%,12px", 224) == [
+        ("1%", 23), ("2%", 32), ("3%", 39), ("12px", 12)]
+    for bad, match in (("0px", "does not fit"), ("101%", "does not fit"), ("4pct", "bad patch size"), ("", "at least"),
+                       ("4", "'4' has no unit: write 4% .* or 4px"), ("inf%", "bad patch size"),
+                       ("2.5px", "whole numbers"), ("4%,8%,4%", "lists 4% twice")):
         with pytest.raises(ValueError, match=match):
             patch_robustness.parse_patch_sizes(bad, 224)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--defense", ""], "give at least one --defense"), (["--defense", " , "], "give at least one --defense"),
+    (["--defense", "mask,none,mask"], "lists mask twice"), (["--step-size", "-1"], r"--step-size .* \(0, 1\]"),
+    (["--step-size", "nan"], "--step-size"), (["--clip-max", "-1"], "--clip-max .* must be positive"),
+    (["--clip-max", "0"], "--clip-max"), (["--attack-examples", "-1"], "--attack-examples must be 0"),
+    (["--steps", "0"], "--steps must be at least 1"), (["--max-examples", "0"], "--max-examples"),
+    (["--threshold", "-0.5"], "threshold")])
+def test_cli_checks_numbers_before_loading_anything(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):  # the workdir does not exist: checked before it is read
+        patch_robustness.main(["--workdir", str(tmp_path / "missing"), *args])
 
 
 def test_cli_writes_table_csv_and_figures(smoke, tmp_path, capsys):
@@ -321,6 +338,26 @@ def test_cli_rejects_bad_input_in_one_line(smoke, tmp_path):
     with pytest.raises(TypeError, match="is not a BagNet"):
         patch_robustness.main(["--workdir", str(resnet)])
     assert not (workdir / "robustness").exists()  # nothing was written for bad input
+
+
+def test_cli_output_and_dataset_errors_are_one_line_before_any_work(smoke, tmp_path):
+    """An --out that is a file, and a dataset that is gone: one line, exit 1, before the certification runs."""
+    workdir, _, _ = smoke
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "dataset": "tfds:no_such_dataset_here"}))
+    for run, expected in (([str(workdir), "--out", str(afile)], f"{afile} is a file, not a directory"),
+                          ([str(workdir), "--out", str(afile / "sub")], f"{afile} is a file, not a directory"),
+                          ([str(moved)], f"this command takes the dataset from {moved / 'config.json'}: edit")):
+        proc = subprocess.run([sys.executable, "-m", "bagjax.experiments.patch_robustness", "--workdir", *run],
+                              cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and lines[-1].startswith("error: ") and expected in lines[-1], proc.stderr
+        assert "Traceback" not in proc.stderr and "patch robustness" not in proc.stderr  # no tqdm bar: no work
+    assert afile.read_text() == "keep me" and not (moved / "robustness").exists()
 
 
 def test_clip_training_option_trains_on_clipped_bagnet_logits(smoke):

@@ -22,9 +22,10 @@ from typing import Any, Sequence  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bagjax import cli  # noqa: E402
-from bagjax.blackout import (COMPUTE_KEEPS, MODES, PAPER_DROPS, SWEEP_KEEPS, compute_table,  # noqa: E402
-                             make_schemes, run_blackout)
+from bagjax import cli, patches  # noqa: E402
+from bagjax.blackout import (COMPUTE_KEEPS, COMPUTE_MODELS, MODES, PAPER_DROPS, SWEEP_KEEPS,  # noqa: E402
+                             compute_table, make_schemes, run_blackout)
+from bagjax.models import create_model  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
 
 
@@ -124,8 +125,7 @@ def _floats(text: str) -> list[float]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagjax.experiments.blackout",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m bagjax.experiments.blackout", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", help="a BagNet training workdir (python train.py ... --workdir DIR)")
     p.add_argument("--split", help="the split to evaluate, e.g. test or train[90%%:] (default: the workdir's "
                    "eval split; the paper's Table 1 is on the test split)")
@@ -140,8 +140,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="also measure sparse vs dense FLOPs and time of BagNet-9/17/33 (random weights)")
     p.add_argument("--compute-keeps", type=_floats, default=list(COMPUTE_KEEPS),
                    help="kept fractions of the compute table, comma-separated, in [0, 1]")
-    p.add_argument("--compute-image-size", type=int, default=224)
-    p.add_argument("--compute-batch", type=int, default=1)
+    p.add_argument("--compute-image-size", type=int, default=224, help="image side of the compute table, in px")
+    p.add_argument("--compute-batch", type=int, default=1, help="images per call of the compute table")
     args = p.parse_args(argv)
     if not args.workdir and not args.compute_table:
         p.error("give --workdir DIR (blackout of a trained BagNet) and/or --compute-table")
@@ -150,14 +150,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_args(args: argparse.Namespace) -> list:
+    """Every argument checked before anything is loaded or computed; returns the blackout schemes."""
+    schemes = make_schemes(args.seeds, args.keeps) if args.workdir else []
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
+    if args.compute_table:
+        if not args.compute_keeps:
+            raise ValueError("give at least one --compute-keeps fraction in [0, 1], e.g. --compute-keeps 0,0.25,1")
+        bad = [k for k in args.compute_keeps if not 0.0 <= k <= 1.0]
+        if bad:
+            raise ValueError(f"--compute-keeps must lie in [0, 1], got {bad}")
+        if args.compute_batch < 1:
+            raise ValueError(f"--compute-batch must be at least 1 image, got {args.compute_batch}")
+        rf = max(patches.receptive_field(create_model(name, num_classes=1))[0] for name in COMPUTE_MODELS)
+        if args.compute_image_size < rf:
+            raise ValueError(f"--compute-image-size must be at least {rf} px (BagNet-33's receptive field), got "
+                             f"{args.compute_image_size}")
+    return schemes
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "blackout")
+    schemes = check_args(args)
+    out = cli.check_output_dir(args.out or pathlib.Path(args.workdir) / "blackout")
     if args.workdir:
         from bagjax.workdir import load_trained
 
         trained = load_trained(args.workdir)  # first: a mistyped --workdir must not get a blackout/ folder
-        schemes = make_schemes(args.seeds, args.keeps)
+        cli.check_workdir_dataset(trained.config, args.workdir)
         start = time.perf_counter()
         rows = run_blackout(trained.model, trained.variables, trained.config, schemes, mode=args.mode,
                             max_examples=args.max_examples, split=args.split)
@@ -171,9 +192,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"blackout: {len(schemes)} schemes in {time.perf_counter() - start:.1f} s; wrote "
               f"{out / 'blackout.md'}, blackout.csv, blackout.png", flush=True)
     if args.compute_table:
-        bad = [k for k in args.compute_keeps if not 0.0 <= k <= 1.0]
-        if bad:
-            raise SystemExit(f"error: --compute-keeps must lie in [0, 1], got {bad}")
         rows = compute_table(keeps=args.compute_keeps, image_size=args.compute_image_size,
                              batch=args.compute_batch)
         markdown = compute_markdown(rows)

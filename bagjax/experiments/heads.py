@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bagjax import cli
 from bagjax.experiments import report
 from bagjax.models import HEADS
 
@@ -54,22 +55,41 @@ def parameter_counts(config: ml_collections.ConfigDict, num_classes: int) -> tup
     return total, head
 
 
-def run_heads(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, heads: Sequence[str],
-              seeds: int) -> list[dict[str, Any]]:
-    """Train (or resume/re-evaluate) every head x seed; one row per run with its eval metrics and sizes."""
-    from bagjax import data
-    from bagjax.training.loop import train_and_evaluate
-
+def check_heads(heads: Sequence[str], seeds: int) -> list[str]:
+    """The ``--heads`` list without blanks, checked: at least one, each known and given once; ``seeds >= 1``."""
+    heads = [h.strip() for h in heads if h.strip()]
+    if not heads:
+        raise ValueError(f"give at least one head, e.g. --heads=learned,identity (from {', '.join(HEADS)})")
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise ValueError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
+    twice = list(dict.fromkeys(h for h in heads if heads.count(h) > 1))
+    if twice:
+        raise ValueError(f"--heads lists {', '.join(twice)} twice: give each head once (--seeds=N trains N seeds "
+                         "of each)")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    return heads
+
+
+def run_heads(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, heads: Sequence[str],
+              seeds: int) -> list[dict[str, Any]]:
+    """Train (or resume/re-evaluate) every head x seed; one row per run with its eval metrics and sizes.
+
+    Every head is checked against the config first (its model's shapes, with nothing compiled), so that a head
+    the model does not support fails before anything trains.
+    """
+    from bagjax import data
+    from bagjax.training.loop import train_and_evaluate
+
+    heads = check_heads(heads, seeds)
     info = data.dataset_info(config)
     num_classes = info.num_classes if config.num_classes <= 0 else config.num_classes
+    sizes = {head: parameter_counts(run_config(config, head, config.seed), num_classes)
+             for head in dict.fromkeys([*heads, "learned"])}
     rows = []
     for head in heads:
-        params, head_params = parameter_counts(run_config(config, head, config.seed), num_classes)
+        params, head_params = sizes[head]
         for k in range(seeds):
             seed = config.seed + k
             subdir = pathlib.Path(workdir) / f"{head}_seed{seed}"
@@ -82,7 +102,7 @@ def run_heads(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, he
                          "loss": metrics["eval_loss"], "examples": metrics["eval_count"], "params": params,
                          "head_params": head_params, "seconds": time.perf_counter() - start,
                          "workdir": str(subdir)})
-    learned_params = parameter_counts(run_config(config, "learned", config.seed), num_classes)[0]
+    learned_params = sizes["learned"][0]
     for r in rows:
         r["savings_percent"] = 100.0 * (learned_params - r["params"]) / learned_params
     return rows
@@ -156,17 +176,17 @@ def _define_flags():
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import app, flags, logging
+    from absl import flags, logging
 
     flags_ = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     config = flags_.config
+    cli.check_output_dir(flags_.workdir, "--workdir")
+    out = cli.check_output_dir(flags_.out or flags_.workdir, "--out" if flags_.out else "--workdir")
     start = time.perf_counter()
     rows = run_heads(config, flags_.workdir, flags_.heads, flags_.seeds)
     title = f"{config.model} on {config.dataset}"
-    markdown = write_report(rows, flags_.out or flags_.workdir, title)
+    markdown = write_report(rows, out, title)
     print(markdown)
     print(f"heads: {len(rows)} run(s) in {time.perf_counter() - start:.1f} s; wrote heads.md, heads.csv, heads.png "
           f"in {flags_.out or flags_.workdir}", flush=True)
@@ -176,8 +196,6 @@ def run() -> None:
     """absl's flag errors are multi-line; turn a bad flag into one actionable line (as train.py does)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the input pipeline uses tf.data
     from absl import app, flags
-
-    from bagjax import cli
 
     if cli.wants_help(sys.argv):
         print(cli.help_text("python -m bagjax.experiments.heads --config configs/NAME.py[:smoke] --workdir DIR "
@@ -192,14 +210,18 @@ def run() -> None:
     flags_ = _define_flags()
     try:
         try:
-            flags_(sys.argv)
+            rest = flags_(sys.argv)
             flags_.config.to_dict()  # a config file that failed to load raises here
-        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
             sys.exit(f"error: {cli.flag_error(e, sys.argv)}")
-        try:
-            app.run(main, argv=[sys.argv[0]])
-        except (ValueError, RuntimeError, OSError) as e:
-            sys.exit(f"error: {' '.join(str(e).split())}")
+        if len(rest) > 1:  # absl leaves positional words over, e.g. from `--heads learned identity`
+            sys.exit("error: " + cli.unexpected_arguments(
+                rest[1:], "--heads=learned,identity, not --heads learned identity"))
+        from configs import default as default_config
+
+        if unknown := cli.unknown_config_key(flags_.config, default_config.get_config()):
+            sys.exit(f"error: {unknown}")
+        cli.run_main(lambda: app.run(main, argv=[sys.argv[0]]), errors=(ValueError, RuntimeError))
     except cli.Interrupted as e:
         cli.interrupted_exit(e)
 

@@ -206,7 +206,7 @@ def plot_attention(result: Mapping[str, Any], path: str | pathlib.Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagjax.experiments.lsp", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m bagjax.experiments.lsp", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="an AnchorNet training workdir")
     p.add_argument("--downstream", required=True, help="a classifier training workdir (BagNet or ResNet-50)")
     p.add_argument("--setting", choices=(*SETTINGS, "both"), default="both",
@@ -227,8 +227,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "lsp")
+    if args.figure_images < 0:
+        raise ValueError(f"--figure-images must be 0 (no figures) or more, got {args.figure_images}")
+    out = cli.check_output_dir(args.out or pathlib.Path(args.workdir) / "lsp")
     anchornet, classifier = load_trained(args.workdir), load_trained(args.downstream)
+    cli.check_workdir_dataset(anchornet.config, args.workdir)
     settings = tuple(SETTINGS) if args.setting == "both" else (args.setting,)
     result = run_lsp(anchornet, classifier, settings=settings, patch_input=args.patch_input,
                      input_scale=args.input_scale,
@@ -251,4 +254,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    cli.run_main(main, errors=(ValueError, FileNotFoundError))
+    cli.run_main(main, errors=(ValueError,))

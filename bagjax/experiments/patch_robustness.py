@@ -43,15 +43,21 @@ def parse_patch_sizes(text: str, image_size: int) -> list[tuple[str, int]]:
     """``"4%,8%,12px"`` -> ``[(label, side px)]``: a percentage of the image area rounds the side up (PatchGuard)."""
     sizes = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
+        unit = "%" if item.endswith("%") else "px" if item.endswith("px") else ""
+        number = item[:len(item) - len(unit)]
         try:
-            if item.endswith("%"):
-                fraction = float(item[:-1]) / 100.0
-                side = math.ceil(math.sqrt(fraction * image_size * image_size) - 1e-9)
-            else:
-                side = int(item[:-2] if item.endswith("px") else item)
+            value = float(number)
         except ValueError:
-            raise ValueError(f"bad patch size {item!r}: use a percentage of the image area (4%) or pixels (12px)") \
-                from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"bad patch size {item!r}: use a percentage of the image area (4%) or pixels (12px)")
+        if not unit:
+            raise ValueError(f"patch size {item!r} has no unit: write {item}% (of the image area) or {item}px")
+        if unit == "px" and not value.is_integer():
+            raise ValueError(f"bad patch size {item!r}: pixels are whole numbers, e.g. 12px")
+        side = math.ceil(math.sqrt(value / 100.0 * image_size * image_size) - 1e-9) if unit == "%" else int(value)
+        if item in (label for label, _ in sizes):
+            raise ValueError(f"--patch-size lists {item} twice: give each size once")
         if side < 1 or side > image_size:
             raise ValueError(f"patch size {item} is {side} px, which does not fit the {image_size} px images: "
                              f"use a patch of 1 to {image_size} px")
@@ -70,6 +76,36 @@ def defense_kwargs(defense: str, clip: robust.Clip, clip_max: float, threshold: 
     if defense == "none":
         return ()
     raise ValueError(f"unknown --defense {defense!r}: choose from {', '.join(robust.DEFENSES)}")
+
+
+def check_settings(defenses: Sequence[str], *, clip_max: float = math.inf, threshold: float = 0.0,
+                   max_examples: int | None = None, attack_examples: int = 64, steps: int = 40, starts: int = 2,
+                   step_size: float = 0.05, locations: str = "danger", num_locations: int = 8) -> None:
+    """The settings of ``run_robustness``, checked before anything is loaded or computed: a one-line ValueError
+    that names the valid range for each bad one."""
+    if not defenses:
+        raise ValueError(f"give at least one --defense, from {', '.join(robust.DEFENSES)}")
+    for d in defenses:
+        if d not in robust.DEFENSES:
+            raise ValueError(f"unknown --defense {d!r}: choose from {', '.join(robust.DEFENSES)}")
+    twice = sorted({d for d in defenses if defenses.count(d) > 1})
+    if twice:
+        raise ValueError(f"--defense lists {', '.join(twice)} twice: give each defense once")
+    if locations not in ("danger", "grid"):
+        raise ValueError(f"unknown --locations {locations!r}: use danger or grid")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"--max-examples must be at least 1, got {max_examples}")
+    if attack_examples < 0:
+        raise ValueError(f"--attack-examples must be 0 (no attack) or more, got {attack_examples}")
+    for name, value in (("--steps", steps), ("--starts", starts), ("--num-locations", num_locations)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not 0.0 < step_size <= 1.0:
+        raise ValueError(f"--step-size is a fraction of the pixel range in (0, 1], got {step_size:g}")
+    if not clip_max > 0.0:
+        raise ValueError(f"--clip-max (PatchGuard's c_h) must be positive (inf: no clipping), got {clip_max:g}")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"--threshold must lie in [0, 1), got {threshold:g}")
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -97,16 +133,11 @@ def run_robustness(model, variables, config, sizes: Sequence[tuple[str, int]], d
 
     Also returns one attacked example per row for the figure (the first broken one, else the strongest attack).
     """
+    check_settings(defenses, clip_max=clip_max, threshold=threshold, max_examples=max_examples,
+                   attack_examples=attack_examples, steps=steps, starts=starts, step_size=step_size,
+                   locations=locations, num_locations=num_locations)
     rf, stride = patches.receptive_field(model)
     size = int(config.image_size)
-    for d in defenses:
-        defense_kwargs(d, clip, clip_max, threshold)
-    if locations not in ("danger", "grid"):
-        raise ValueError(f"unknown --locations {locations!r}: use danger or grid")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"--max-examples must be at least 1, got {max_examples}")
-    if steps < 1 or starts < 1 or num_locations < 1:
-        raise ValueError("--steps, --starts and --num-locations must be at least 1")
     total = data.dataset_info(config).num_eval
     total = total if max_examples is None else min(total, max_examples)
     if total == 0:
@@ -308,24 +339,27 @@ def plot_attacks(model, variables, examples: Sequence[dict[str, Any]], class_nam
 
 # ----------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagjax.experiments.patch_robustness",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m bagjax.experiments.patch_robustness",
+                           description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a BagNet training workdir (python train.py ... --workdir DIR)")
     p.add_argument("--patch-size", default="4%,8%",
-                   help="comma-separated square patch sizes: a percentage of the image area (4%%) or pixels (12px)")
+                   help="comma-separated square patch sizes, each with its unit: a percentage of the image area "
+                        "(4%%) or pixels (12px)")
     p.add_argument("--defense", default="mask,clip,none", help=f"comma-separated, from {', '.join(robust.DEFENSES)}")
     p.add_argument("--out", help="output directory (default: WORKDIR/robustness)")
     p.add_argument("--max-examples", type=int, help="certify only the first N eval images")
     p.add_argument("--attack-examples", type=int, default=64, help="attack the first N eval images (0: no attack)")
     p.add_argument("--steps", type=int, default=40, help="PGD steps per start")
     p.add_argument("--starts", type=int, default=2, help="random starts per location")
-    p.add_argument("--step-size", type=float, default=0.05, help="PGD step as a fraction of the pixel range")
+    p.add_argument("--step-size", type=float, default=0.05,
+                   help="PGD step as a fraction of the pixel range, in (0, 1]")
     p.add_argument("--locations", choices=("danger", "grid"), default="danger",
                    help="danger: the windows with the lowest certificate margin; grid: an even grid of positions")
     p.add_argument("--num-locations", type=int, default=8, help="patch locations attacked per image")
     p.add_argument("--clip", help="clip function of the clip defense (default: the workdir's config.robust.clip, "
                                   "else cbn = tanh(0.05 x - 1))")
-    p.add_argument("--clip-max", type=float, default=math.inf, help="PatchGuard's c_h: clip local logits to [0, c_h]")
+    p.add_argument("--clip-max", type=float, default=math.inf,
+                   help="PatchGuard's c_h > 0: clip local logits to [0, c_h]")
     p.add_argument("--threshold", type=float, default=0.0, help="PatchGuard's detection threshold T in [0, 1)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -335,20 +369,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     from bagjax.workdir import load_trained
 
+    defenses = [d.strip() for d in args.defense.split(",") if d.strip()]
+    settings = dict(clip_max=args.clip_max, threshold=args.threshold, max_examples=args.max_examples,
+                    attack_examples=args.attack_examples, steps=args.steps, starts=args.starts,
+                    step_size=args.step_size, locations=args.locations, num_locations=args.num_locations)
+    check_settings(defenses, **settings)
+    out = cli.check_output_dir(args.out or pathlib.Path(args.workdir) / "robustness")
     trained = load_trained(args.workdir)
     patches.receptive_field(trained.model)  # one-line error for a model that is not a BagNet
     sizes = parse_patch_sizes(args.patch_size, int(trained.config.image_size))
-    defenses = [d.strip() for d in args.defense.split(",") if d.strip()]
     clip = robust.parse_clip(args.clip or robust.config_clip(trained.config) or "cbn")
-    if not 0.0 <= args.threshold < 1.0:
-        raise ValueError(f"--threshold must lie in [0, 1), got {args.threshold}")
-    out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "robustness")
+    cli.check_workdir_dataset(trained.config, args.workdir)
     start = time.perf_counter()
     rows, examples = run_robustness(
-        trained.model, trained.variables, trained.config, sizes, defenses, clip=clip, clip_max=args.clip_max,
-        threshold=args.threshold, max_examples=args.max_examples, attack_examples=args.attack_examples,
-        steps=args.steps, starts=args.starts, step_size=args.step_size, locations=args.locations,
-        num_locations=args.num_locations, seed=args.seed)
+        trained.model, trained.variables, trained.config, sizes, defenses, clip=clip, seed=args.seed, **settings)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{trained.config.model}, {trained.config.image_size} px, {args.workdir}"
     markdown = robustness_markdown(rows, title)
