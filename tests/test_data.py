@@ -612,9 +612,9 @@ def test_unknown_tfds_names_and_configs_are_one_line_with_suggestions(spec, expe
 
 
 @pytest.mark.parametrize('argv, expected', [
-    ([], 'error: the following arguments are required: dataset; usage: python -m bagjax.data.prepare '),
+    ([], 'error: the following arguments are required: dataset (see python -m bagjax.data.prepare --help)'),
     (['imagefolder:x'], "error: expected tfds:NAME[/CONFIG], got 'imagefolder:x' (imagefolder and synthetic "),
-    (['tfds:x', '--bogus'], 'error: unrecognized arguments: --bogus; usage: python -m bagjax.data.prepare '),
+    (['tfds:x', '--bogus'], 'error: unrecognized arguments: --bogus (see python -m bagjax.data.prepare --help)'),
 ])
 def test_prepare_command_line_mistakes_are_one_line(argv, expected, capsys):
     from bagjax.data import prepare

@@ -15,12 +15,12 @@ TFRecord files stay; the conversion can be rerun and skips finished shards.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import tqdm
 
+from bagjax import cli
 from bagjax.data import sources
 
 
@@ -71,15 +71,8 @@ def prepare(name: str, data_dir: str = '', manual_dir: str = '') -> str:
     return f'converted {written} shard(s) of {name} to ArrayRecord in {builder.data_dir}'
 
 
-class _Parser(argparse.ArgumentParser):
-    """A command-line mistake is one line (with the usage) and exit status 1, like train.py's."""
-
-    def error(self, message):
-        sys.exit(f"error: {message}; {' '.join(self.format_usage().split())}")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog='python -m bagjax.data.prepare', description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog='python -m bagjax.data.prepare', description=__doc__.splitlines()[0])
     parser.add_argument('dataset', help='tfds:NAME[/CONFIG], e.g. tfds:imagenet2012')
     parser.add_argument('--data_dir', default='', metavar='DIR', help='the TFDS data_dir (default: TFDS default)')
     parser.add_argument('--manual_dir', default='', metavar='DIR', help='manual downloads (e.g. the ImageNet tars)')
