@@ -14,7 +14,6 @@ aliases of ``bagnet9``, ``bagnet17`` and ``bagnet33``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import bagjax
+from bagjax import cli
 from bagjax.models.bagnet import KERNEL3
 
 MODELS = ("bagnet9", "bagnet17", "bagnet33", "resnet50")
@@ -280,7 +280,7 @@ def reduced_precision_warning(init_from: str, dtype: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: convert a PyTorch weights file and write it for `train.py --config.init_from=DIR`."""
-    parser = argparse.ArgumentParser(prog="python -m bagjax.convert", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m bagjax.convert", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, choices=MODELS + tuple(ALIASES))
     parser.add_argument("--torch-weights", required=True, help="a .pth / .pth.tar state_dict file")
     parser.add_argument("--out", required=True, help="output directory (must be empty or new)")

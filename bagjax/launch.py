@@ -14,7 +14,6 @@ process, so ``train.py`` checkpoints and exits as on a preemption.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -24,6 +23,8 @@ import sys
 import threading
 import time
 from typing import IO, Sequence
+
+from bagjax import cli
 
 # After a failure, the other processes usually sit in a collective waiting for the dead one: kill, don't wait.
 _POLL_SECONDS = 0.1
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m bagjax.launch", description=__doc__.splitlines()[0],
         epilog="example: python -m bagjax.launch --processes 2 --devices-per-process 2 -- "
                "train.py --config configs/demo.py --workdir runs/demo2x2")

@@ -11,7 +11,6 @@ channel (Qian 2020, thesis 3.4).
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
@@ -21,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bagjax import data, interpret  # noqa: E402
+from bagjax import cli, data, interpret  # noqa: E402
 from bagjax.models import is_bagnet  # noqa: E402
 from bagjax.workdir import load_trained  # noqa: E402
 
@@ -114,7 +113,7 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Top-5 classes and an evidence heatmap per image.")
+    parser = cli.ArgumentParser(prog="python -m bagjax.predict", description="Top-5 classes and an evidence heatmap per image.")
     parser.add_argument("--workdir", required=True, help="a training workdir (python train.py ... --workdir)")
     parser.add_argument("--out", help="where the heatmap PNGs go (default: WORKDIR/predictions)")
     parser.add_argument("--stride1", action="store_true", help="exact per-pixel BagNet heatmap (slower)")
