@@ -12,7 +12,6 @@ The last line is `bn_statistics: R.RRx (batch-statistics accuracy over eval-mode
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import pathlib
@@ -24,18 +23,36 @@ sys.path[:0] = [str(REPO_ROOT)]
 import jax
 import ml_collections
 
-from bagjax.training import precise_bn
+from bagjax import cli
+from bagjax.training import checkpoints, precise_bn
 from bagjax.training.loop import eval_logits
 from bagjax.training.state import TrainState
 from bagjax.workdir import load_trained
 
 
+def check_step(workdir: str, step: int) -> None:
+    """A one-line error for a ``--step`` the workdir has no checkpoint of (orbax's is a long traceback)."""
+    if not checkpoints.is_workdir(workdir):
+        return  # load_trained says what a workdir is
+    with checkpoints.quiet_orbax():
+        ckpt = checkpoints.Checkpoints(workdir, read_only=True)
+        saved = ckpt.all_steps()
+        ckpt.close()
+    if step not in saved:
+        raise FileNotFoundError(f"--step {step}: {workdir} has no checkpoint of that step (saved: "
+                                f"{', '.join(map(str, saved)) or 'none'}): give one of those, or leave --step out "
+                                "for the best")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
     args = parser.parse_args()
+    if args.step is not None:
+        check_step(args.workdir, args.step)
     trained = load_trained(args.workdir, args.step)
+    cli.check_workdir_dataset(trained.config, args.workdir)
     config = ml_collections.ConfigDict(trained.config.to_dict())
     config.precise_bn = ml_collections.ConfigDict({"num_batches": 0, "guard_batches": 10**9})  # all full batches
     num_eval = json.loads((pathlib.Path(args.workdir) / "dataset.json").read_text())["num_eval"]
@@ -52,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

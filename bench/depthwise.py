@@ -17,7 +17,6 @@ grouped on any platform. The first call of each (trace, compile, run) is timed t
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -29,7 +28,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bagjax import cli  # noqa: E402
 from bagjax.models import anchornet, create_model, layers  # noqa: E402
+from benchargs import at_least  # noqa: E402
 
 
 IMPLEMENTATIONS = {"shifted": layers.shifted_depthwise_conv, "grouped": layers.grouped_depthwise_conv}
@@ -54,7 +55,7 @@ def best_of(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--only", choices=list(IMPLEMENTATIONS), default=None,
                         help="time one implementation, with no ratio (bf16 grouped convs compile for minutes on a GPU)")
     args = parser.parse_args()
+    at_least(parser, args, image_size=anchornet.MIN_INPUT, batch=1, repeats=1)
 
     model = create_model("anchornet", num_classes=1000, dtype=jnp.dtype(args.dtype))
     rng = np.random.default_rng(0)

@@ -28,16 +28,21 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bagjax import cli  # noqa: E402  (imports no jax: the device count is set before jax starts)
+from benchargs import at_least  # noqa: E402
+
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4, help="global batch")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--real-devices", action="store_true", help="use the machine's devices, not simulated CPUs")
-    return parser.parse_args()
+    args = parser.parse_args()
+    at_least(parser, args, devices=1, batch=1)
+    return parser, args
 
 
 def collective_bytes(hlo: str) -> dict[str, tuple[int, int]]:
@@ -57,7 +62,7 @@ def collective_bytes(hlo: str) -> dict[str, tuple[int, int]]:
 
 
 def main() -> None:
-    args = parse_args()
+    parser, args = parse_args()
     if not args.real_devices:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -66,12 +71,17 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from bagjax.models import receptive_field
     from bagjax.training import optim, sharding
     from bagjax.training.loop import train_step
     from bagjax.training.state import TrainState
     from bagjax.workdir import build_model
     from configs import default
 
+    devices = jax.device_count()
+    if args.batch % devices:
+        parser.error(f"--batch {args.batch} is not divisible by the {devices} devices: use a multiple of {devices}")
+    at_least(parser, args, size=receptive_field("bagnet33")[0])
     config = default.get_config()
     config.model, config.num_classes, config.image_size, config.batch_size = "bagnet33", 1000, args.size, args.batch
     model = build_model(config, 1000)

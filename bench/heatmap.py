@@ -18,7 +18,6 @@ The last line is `heatmap_stride1: R.RRx (bagjax over PyTorch per-pixel referenc
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -31,9 +30,10 @@ import numpy as np
 import torch
 import torch_reference
 
-from bagjax import convert, interpret
+from bagjax import cli, convert, interpret
 from bagjax.data.preprocess import normalize
 from bagjax.models import create_model
+from benchargs import at_least
 
 MODEL = "bagnet33"
 NUM_CLASSES = 1000
@@ -60,12 +60,15 @@ def reference_logits(model: torch.nn.Module, patches: torch.Tensor, target: int)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patches", type=int, default=2000, help="reference pixels timed (scaled to the image)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, alternating (median)")
     parser.add_argument("--images", type=int, default=1, help="images per bagjax call (batched heatmaps)")
     parser.add_argument("--chunk-pixels", type=int, default=None, help="bagjax output pixels per pass")
     args = parser.parse_args()
+    at_least(parser, args, patches=1, rounds=1, images=1, chunk_pixels=1)
+    if args.patches > SIZE * SIZE:
+        parser.error(f"--patches must be at most the {SIZE * SIZE} pixels of a {SIZE} px image, got {args.patches}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     reference = torch_reference.build_reference(MODEL, NUM_CLASSES)

@@ -16,7 +16,6 @@ Last line: ``input_pipeline: R.RRx (bagjax W workers over in-process)``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -30,12 +29,16 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bagjax import data  # noqa: E402
+from bagjax import cli, data  # noqa: E402
 from bagjax.data import preprocess  # noqa: E402
+from benchargs import at_least  # noqa: E402
 from configs import default  # noqa: E402
 
 
-def write_jpegs(root: pathlib.Path, n: int, size: tuple[int, int] = (500, 375), classes: int = 4) -> None:
+CLASSES = 4  # label folders of the ImageFolder (every one gets train images)
+
+
+def write_jpegs(root: pathlib.Path, n: int, size: tuple[int, int] = (500, 375), classes: int = CLASSES) -> None:
     rng = np.random.default_rng(0)
     for split, count in (("train", n), ("validation", classes * 2)):
         for i in range(count):
@@ -120,17 +123,19 @@ def end_to_end_rate(config, steps: int, workdir: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes (the baseline is 0)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--images", type=int, default=384, help="500x375 JPEGs in the train split")
+    parser.add_argument("--images", type=int, default=384,
+                        help=f"500x375 JPEGs in the train split ({CLASSES} classes)")
     parser.add_argument("--batches", type=int, default=120, help="batches timed after the warm-up (each side a few seconds)")
     parser.add_argument("--photos", type=int, default=8, help="4000x3000 JPEGs for the draft-mode figure")
     parser.add_argument("--train-step", action="store_true", help="also time the BagNet-33 train step")
     parser.add_argument("--end-to-end", type=int, default=0, metavar="STEPS", help="also run train.py for STEPS")
     parser.add_argument("--steps", type=int, default=3, help="train steps timed with --train-step")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    at_least(parser, args, workers=1, batch_size=1, images=CLASSES, batches=1, photos=1, end_to_end=0, steps=1)
 
     config = default.get_config()
     config.model, config.image_size, config.batch_size, config.dtype = "bagnet33", 224, args.batch_size, args.dtype

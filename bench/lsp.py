@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bagjax import cli  # noqa: E402
 from bagjax.localize import LSP_SLACK, LSP_VISUALIZATION, lsp  # noqa: E402
 from bagjax.models.anchornet import RECEPTIVE_FIELDS, STRIDE, grid_size  # noqa: E402
 
@@ -61,6 +62,7 @@ def best_of(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    cli.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options: --help, or a one-line error
     rng = np.random.default_rng(0)
     print(f"device: {jax.devices()[0].device_kind}, {BATCH} heatmaps per setting")
     total_jax = total_python = 0.0

@@ -12,7 +12,6 @@ The last line is `bagnet33_eval: R.RRx (bagjax over PyTorch reference)`.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -26,8 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference  # noqa: E402
-from bagjax import convert  # noqa: E402
-from bagjax.models import create_model  # noqa: E402
+from bagjax import cli, convert  # noqa: E402
+from bagjax.models import create_model, receptive_field  # noqa: E402
+from benchargs import at_least  # noqa: E402
 
 MODEL = "bagnet33"
 NUM_CLASSES = 1000
@@ -93,12 +93,13 @@ def torch_step(reference: torch.nn.Module, images: np.ndarray, bf16: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--iters", type=int, default=5, help="timed rounds (median)")
     args = parser.parse_args()
+    at_least(parser, args, batch=1, size=receptive_field(MODEL)[0], iters=1)
 
     reference = torch_reference.build_reference(MODEL, NUM_CLASSES)
     variables = convert.from_torch_state_dict(MODEL, reference.state_dict())

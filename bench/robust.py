@@ -13,7 +13,6 @@ The last line is `robust_certify: R.RRx (bagjax over per-window Python loop)` (r
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -26,18 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 import robust_reference
 
-from bagjax import robust
+from bagjax import cli, robust
 from bagjax.models import create_model
+from benchargs import at_least
 
 MODEL, SIZE = "bagnet17", 224
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--patch", type=int, default=23, help="patch side in px (23 = 1%% of a 224 px image)")
     p.add_argument("--classes", type=int, default=10)
     args = p.parse_args()
+    at_least(p, args, images=1, patch=1, classes=2)
+    if args.patch > SIZE:
+        p.error(f"--patch must be at most the {SIZE} px image, got {args.patch}")
     model = create_model(MODEL, num_classes=args.classes)
     grid = model.grid_shape(SIZE, SIZE)
     window = robust.window_shape(model, args.patch, SIZE, SIZE)

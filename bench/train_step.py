@@ -43,10 +43,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bagjax import cli  # noqa: E402
+from bagjax.models import receptive_field  # noqa: E402
 from bagjax.training import optim  # noqa: E402
 from bagjax.training.loop import train_step  # noqa: E402
 from bagjax.training.state import TrainState  # noqa: E402
 from bagjax.workdir import build_model  # noqa: E402
+from benchargs import at_least  # noqa: E402
 from configs import default  # noqa: E402
 
 MODEL = "bagnet33"
@@ -169,7 +172,8 @@ def torch_seconds(batch: int, args: argparse.Namespace) -> tuple[float, str]:
                "--size", str(args.size), "--steps", str(args.steps), "--rounds", str(args.rounds)]
     child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode:
-        raise SystemExit(f"the PyTorch baseline failed at batch {batch}:\n{child.stderr[-2000:]}")
+        raise SystemExit(f"the PyTorch baseline failed at batch {batch} (exit status {child.returncode}):\n"
+                         f"{child.stderr[-2000:]}")
     seconds, device = child.stdout.strip().splitlines()[-1].split(" ", 1)
     return float(seconds), device
 
@@ -248,7 +252,7 @@ def profile_table(trace_dir: pathlib.Path, steps: int, top: int = 25) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[128])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--pointwise", nargs="+", default=["conv"], choices=["conv", "dot"])
@@ -260,6 +264,14 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    at_least(parser, args, batch=1, size=receptive_field(MODEL)[0], steps=1, rounds=1)
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops must be positive, got {args.peak_tflops:g}")
+    if args.profile is not None:
+        try:
+            cli.check_output_dir(args.profile, "--profile")
+        except (ValueError, OSError) as e:
+            parser.error(cli.error_line(e))
     if args.torch_only:
         return run_torch_only(args)
 
