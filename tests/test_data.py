@@ -449,23 +449,29 @@ def test_worker_processes_give_the_same_batches_and_survive_a_bad_file(tmp_path)
 
 
 
-@pytest.mark.parametrize('script_kind', ['unguarded', 'guarded', 'guarded and edited while running'])
+@pytest.mark.parametrize('script_kind', ['unguarded', 'guarded', 'guarded and edited while running',
+                                         'guarded inside a with block, with another condition'])
 def test_worker_batches_at_a_scripts_top_level_fail_in_one_line_instead_of_hanging(tmp_path, script_kind):
     # Spawned workers rerun the main script's top level: unguarded, the parent used to wait forever.
     body = ('cfg = make_config(workers=1)\n'
             'print(next(data.train_batches(cfg, process_index=0, process_count=1))["image"].shape)\n')
     if script_kind == 'guarded and edited while running':  # Its saved lines no longer match the running code.
         body = 'src = open(__file__).read(); time.sleep(0.05); open(__file__, "w").write("\\n" * 30 + src)\n' + body
-    if script_kind != 'unguarded':
+    if script_kind == 'guarded inside a with block, with another condition':
+        body = ("with contextlib.nullcontext():\n    if __name__ == '__main__' and len(sys.argv) == 1:\n"
+                + ''.join(f'        {line}\n' for line in body.splitlines()))
+    elif script_kind != 'unguarded':
         body = "if __name__ == '__main__':\n" + ''.join(f'    {line}\n' for line in body.splitlines())
     script = tmp_path / 'user_script.py'
     tests = pathlib.Path(__file__).parent
-    script.write_text(f'import sys, time\nsys.path[:0] = [{str(tests)!r}, {str(tests.parent)!r}]\n'
-                      f'from test_data import make_config\nfrom bagjax import data\n{body}')
+    # An annotated def: the script must compile as it ran, without pipeline.py's `from __future__ import annotations`.
+    script.write_text(f'import contextlib, sys, time\nsys.path[:0] = [{str(tests)!r}, {str(tests.parent)!r}]\n'
+                      f'from test_data import make_config\nfrom bagjax import data\ndef f(x: int) -> int: return x\n'
+                      f'{body}')
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
     if script_kind == 'unguarded':
         assert result.returncode == 1
-        assert f"{script}:6 asks for batches from 1 worker processes at the script's top level" in result.stderr
+        assert f"{script}:7 asks for batches from 1 worker processes at the script's top level" in result.stderr
         assert "if __name__ == '__main__':" in result.stderr.splitlines()[-1]
     else:
         assert result.returncode == 0 and '(8, 32, 32, 3)' in result.stdout, result.stderr[-2000:]

@@ -203,12 +203,15 @@ def eval_dataset(
     return grain.MapDataset.range(num_batches * global_batch).map(evaluate).batch(b)[p::num_p]
 
 
-def _is_main_test(test: ast.expr) -> bool:
-    """Whether an `if` test is `__name__ == '__main__'` (either way round)."""
-    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
-        return False
-    sides = {ast.dump(test.left), ast.dump(test.comparators[0])}
-    return sides == {ast.dump(ast.Name('__name__', ast.Load())), ast.dump(ast.Constant('__main__'))}
+_GUARD_NAMES = ('__name__', 'current_process', 'parent_process')  # what a main-process test looks at
+
+
+def _is_guard(test: ast.expr) -> bool:
+    """Whether an `if` test asks whether this is the main process: `__name__ == '__main__'`, in any form or
+    combination, or multiprocessing's `current_process()` / `parent_process()` (generous on purpose: a false
+    alarm would stop a correct script, a missed one only keeps the old hang)."""
+    return any((isinstance(n, ast.Name) and n.id in _GUARD_NAMES) or
+               (isinstance(n, ast.Attribute) and n.attr in _GUARD_NAMES) for n in ast.walk(test))
 
 
 def unguarded_main_line() -> int | None:
@@ -237,15 +240,15 @@ def unguarded_main_line() -> int | None:
     try:
         with open(path, encoding='utf-8') as f:
             text = f.read()
-        running = compile(text, path, 'exec')
+        running = compile(text, path, 'exec', dont_inherit=True)  # not this module's __future__ imports
     except (OSError, SyntaxError, ValueError):
         return None
     if (running.co_code, running.co_linetable) != (frame.f_code.co_code, frame.f_code.co_linetable):
         return None
     tree = ast.parse(text)
     line = frame.f_lineno
-    guarded = any(isinstance(node, ast.If) and _is_main_test(node.test)
-                  and node.lineno <= line <= node.end_lineno for node in tree.body)
+    guarded = any(isinstance(node, ast.If) and _is_guard(node.test) and node.lineno <= line <= node.end_lineno
+                  for node in ast.walk(tree))
     return None if guarded else line
 
 
