@@ -96,8 +96,9 @@ _OS_ERROR_HINTS = {errno.EEXIST: "a file is in the way: give a directory path",
 def error_line(e: BaseException) -> str:
     """A user error as one line; an ``OSError`` raised by the system names its file and what to do about it."""
     if isinstance(e, OSError) and e.errno is not None and e.strerror:
-        where = f": {e.filename}" if e.filename else ""
-        return f"{e.strerror}{where}: {_OS_ERROR_HINTS.get(e.errno, 'check that path')}"
+        if not e.filename:
+            return f"{e.strerror}: {_OS_ERROR_HINTS[e.errno]}" if e.errno in _OS_ERROR_HINTS else e.strerror
+        return f"{e.strerror}: {e.filename}: {_OS_ERROR_HINTS.get(e.errno, 'check that path')}"
     return " ".join(str(e).split())
 
 
@@ -128,7 +129,7 @@ def check_workdir_dataset(config, workdir: str | pathlib.Path) -> None:
     try:
         data.dataset_info(config)
     except (data.DatasetUnavailableError, ValueError) as e:
-        raise type(e)(f"{' '.join(str(e).split())} (this command takes the dataset from "
+        raise (data.DatasetUnavailableError if isinstance(e, data.DatasetUnavailableError) else ValueError)(f"{' '.join(str(e).split())} (this command takes the dataset from "
                       f"{pathlib.Path(workdir) / 'config.json'}: edit \"dataset\" there, or \"data_dir\" / "
                       "\"manual_dir\" under \"data\", to where the data is now)") from None
 
@@ -211,8 +212,10 @@ def flag_error(e: BaseException, argv: Sequence[str]) -> str:
     """One line for an error parsing the flags or loading the config file."""
     shipped = ", ".join(p for p, _ in configs())
     if isinstance(e, SyntaxError):
-        return (f"cannot load --config {_config_path(argv)} (line {e.lineno}: {e.msg}): fix that line, or use one "
-                f"of {shipped}")
+        path = _config_path(argv)
+        in_config = e.filename and os.path.abspath(path).startswith(os.path.abspath(e.filename))
+        where = f"line {e.lineno}" if in_config else f"{e.filename} line {e.lineno}"  # or a module it imports
+        return f"cannot load --config {path} ({where}: {e.msg}): fix that line, or use one of {shipped}"
     if "has no attribute 'get_config'" in str(e):
         return (f"cannot load --config {_config_path(argv)}: a config file defines get_config(arg=None) returning "
                 f"an ml_collections.ConfigDict (see configs/demo.py); use one of {shipped}")

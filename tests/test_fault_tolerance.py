@@ -258,13 +258,16 @@ def test_every_bad_value_is_refused_by_the_checks_that_run_before_anything_is_wr
 
 def test_an_empty_workdir_flag_and_a_workdirs_checkpoints_folder_are_refused(tmp_path):
     from bagjax.training import checks
+    from configs import demo
 
     for workdir in ("", "  "):
         with pytest.raises(ValueError, match="--workdir is empty"):
             checks.check_workdir_arg(workdir)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     checks.check_workdir_arg(str(tmp_path / "run" / "checkpoints"))  # a directory of that name is fine on its own
-    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "config.json").write_text('{"name": "some other project"}')
+    checks.check_workdir_arg(str(tmp_path / "run" / "checkpoints"))  # not a config.json that train.py wrote
+    (tmp_path / "run" / "config.json").write_text(demo.get_config("smoke").to_json())
     with pytest.raises(ValueError, match=f"is the checkpoints/ folder of the workdir {tmp_path / 'run'}: use "
                                          f"--workdir {tmp_path / 'run'} to resume that run"):
         checks.check_workdir_arg(str(tmp_path / "run" / "checkpoints") + "/")

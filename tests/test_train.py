@@ -51,6 +51,7 @@ def test_a_missing_config_file_and_an_empty_workdir_are_one_line_errors(tmp_path
 def test_broken_config_files_and_stray_words_are_one_line_errors(tmp_path):
     (tmp_path / "syntax.py").write_text("def get_config(arg=None)\n    return None\n")
     (tmp_path / "no_function.py").write_text("BATCH = 8\n")
+    (tmp_path / "imports_bad.py").write_text(f"compile('x = (', {str(tmp_path / 'helper.py')!r}, 'exec')\n")
     (tmp_path / "typo.py").write_text("from configs import demo\n\ndef get_config(arg=None):\n"
                                       "    c = demo.get_config(arg)\n    c.optimizer.learning_rat = 1e-3\n"
                                       "    c.model_kwargs.width = 8\n    return c\n")
@@ -60,6 +61,8 @@ def test_broken_config_files_and_stray_words_are_one_line_errors(tmp_path):
         ("demo.py:smoke", "--config.init_from=", str(tmp_path)):
             f"error: unexpected argument(s) {str(tmp_path)!r}: this command takes none",
         (str(tmp_path / "syntax.py"),): f"error: cannot load --config {tmp_path / 'syntax.py'} (line 1: expected ':')",
+        (str(tmp_path / "imports_bad.py"),):  # the error is in another file: name it
+            f"error: cannot load --config {tmp_path / 'imports_bad.py'} ({tmp_path / 'helper.py'} line 1: '(' was",
         (str(tmp_path / "no_function.py"),):
             f"error: cannot load --config {tmp_path / 'no_function.py'}: a config file defines get_config(arg=None)",
         ("demo.py:nonsense",): "error: unknown config argument 'nonsense': use 'smoke' or nothing",

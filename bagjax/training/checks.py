@@ -7,6 +7,7 @@ Checks that need the model or the devices stay in ``loop.check_config``; these n
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 from typing import Any
@@ -51,9 +52,18 @@ def check_workdir_arg(workdir: str | None) -> None:
     if not workdir or not str(workdir).strip():
         raise ValueError("--workdir is empty: give the directory for checkpoints and metrics, e.g. --workdir runs/demo")
     path = pathlib.Path(workdir).expanduser().resolve()
-    if path.name == "checkpoints" and (path.parent / "config.json").is_file():
+    if path.name == "checkpoints" and _is_bagjax_config(path.parent / "config.json"):
         raise ValueError(f"--workdir {workdir} is the checkpoints/ folder of the workdir {path.parent}: "
                          f"use --workdir {path.parent} to resume that run, or a new directory for a new one")
+
+
+def _is_bagjax_config(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a config.json that train.py wrote (not any project's config.json)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"model", "dataset", "optimizer", "precise_bn"} <= saved.keys()
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
