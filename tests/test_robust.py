@@ -286,7 +286,8 @@ def test_patch_sizes_are_area_fractions_rounded_up_like_patchguard():
     # PatchGuard: 1%, 2% and 3% of a 224 px image are 23, 32 and 39 px patches
     assert patch_robustness.parse_patch_sizes("1%,2%, 3%,12px", 224) == [
         ("1%", 23), ("2%", 32), ("3%", 39), ("12px", 12)]
-    for bad, match in (("0px", "does not fit"), ("101%", "does not fit"), ("4pct", "bad patch size"), ("", "at least"),
+    for bad, match in (("0px", "a patch size is positive"), ("-4%", "a patch size is positive"),
+                       ("101%", "does not fit"), ("4pct", "bad patch size"), ("", "at least"),
                        ("4", "'4' has no unit: write 4% .* or 4px"), ("inf%", "bad patch size"),
                        ("2.5px", "whole numbers"), ("4%,8%,4%", "lists 4% twice")):
         with pytest.raises(ValueError, match=match):

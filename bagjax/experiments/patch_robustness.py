@@ -53,6 +53,8 @@ def parse_patch_sizes(text: str, image_size: int) -> list[tuple[str, int]]:
             raise ValueError(f"bad patch size {item!r}: use a percentage of the image area (4%) or pixels (12px)")
         if not unit:
             raise ValueError(f"patch size {item!r} has no unit: write {item}% (of the image area) or {item}px")
+        if value <= 0:
+            raise ValueError(f"bad patch size {item!r}: a patch size is positive, e.g. 4% or 12px")
         if unit == "px" and not value.is_integer():
             raise ValueError(f"bad patch size {item!r}: pixels are whole numbers, e.g. 12px")
         side = math.ceil(math.sqrt(value / 100.0 * image_size * image_size) - 1e-9) if unit == "%" else int(value)
