@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as e:  # missing or damaged workdir files, an unwritable --out
         sys.exit(f"error: {e}")
     if not results:
-        sys.exit(f"error: none of the {len(args.images)} image(s) could be read (see above)")
+        sys.exit("error: none of the images could be read (see above)")
 
 
 if __name__ == "__main__":

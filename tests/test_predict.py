@@ -81,7 +81,7 @@ def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(trained, tmp_pa
     broken.write_bytes(b"not an image")
 
     assert _predict_error(capsys, "--workdir", str(workdir), str(broken)) == \
-        "error: none of the 1 image(s) could be read (see above)"
+        "error: none of the images could be read (see above)"
     assert _predict_error(capsys, "--workdir", str(workdir), "--out", str(image), str(image)) == \
         f"error: --out {image} is a file: give a directory for the heatmaps"
     if os.geteuid() != 0:  # root writes into read-only directories

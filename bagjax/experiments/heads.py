@@ -217,9 +217,11 @@ def run() -> None:
         if len(rest) > 1:  # absl leaves positional words over, e.g. from `--heads learned identity`
             sys.exit("error: " + cli.unexpected_arguments(
                 rest[1:], "--heads=learned,identity, not --heads learned identity"))
-        from configs import default as default_config
-
-        if unknown := cli.unknown_config_key(flags_.config, default_config.get_config()):
+        try:  # the checkout's configs/ (bagjax's wheel does not ship it); as train.py does
+            from configs import default as default_config
+        except ImportError:
+            default_config = None
+        if default_config and (unknown := cli.unknown_config_key(flags_.config, default_config.get_config())):
             sys.exit(f"error: {unknown}")
         cli.run_main(lambda: app.run(main, argv=[sys.argv[0]]), errors=(ValueError, RuntimeError))
     except cli.Interrupted as e:
