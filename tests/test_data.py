@@ -530,6 +530,16 @@ def tfds_builder():
     return BagjaxTestShapes
 
 
+def test_a_failed_preparation_that_is_not_the_network_is_not_blamed_on_it(tmp_path):
+    (tmp_path / 'file').write_text('in the way')  # data_dir below a file: TFDS cannot write there
+    builder = tfds_builder()(data_dir=str(tmp_path / 'file' / 'tfds'))
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        sources.download_and_prepare(builder, 'bagjax_test_shapes', '')
+    message = str(err.value)
+    assert message.startswith("tfds dataset 'bagjax_test_shapes' could not be prepared in ") and '\n' not in message
+    assert '(NotADirectoryError: ' in message and 'cannot be downloaded' not in message
+
+
 def test_tfds_tfrecord_is_refused_then_converted_by_prepare(tmp_path, monkeypatch, capsys):
     tfds = pytest.importorskip('tensorflow_datasets')
     from bagjax.data import prepare

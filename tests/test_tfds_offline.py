@@ -81,7 +81,9 @@ def test_offline_download_error_quotes_its_cause_whole_and_hides_urllib3_retries
         data.dataset_info(config)
     message = str(error.value)
     assert "(ProxyError: cannot reach 127.0.0.1): prepare it where there is a network " \
-           "(`python -m bagjax.data.prepare tfds:tf_flowers --data_dir DIR`) and point config.data.data_dir" in message
+           "(`python -m bagjax.data.prepare tfds:tf_flowers --data_dir DIR`, which gives up after 4 retries per " \
+           "file: rerun it after a network failure, finished downloads are kept) and point config.data.data_dir" \
+           in message
     assert not [r for r in caplog.records if r.name.startswith("urllib3")], caplog.text
     assert logging.getLogger("urllib3.connectionpool").level == logging.NOTSET  # restored
 

@@ -424,11 +424,28 @@ def download_and_prepare(builder, name: str, manual_dir: str, flags: Flags = CON
                 f'tfds dataset {name!r} needs files downloaded by hand, in the folder given as {flags.manual_dir} '
                 f"({_reason(e)}): {' '.join(instructions.split())}"
             ) from None
+        if not _is_network_error(e):  # a full disk, a missing optional package, a bad checksum, ...
+            raise DatasetUnavailableError(
+                f'tfds dataset {name!r} could not be prepared in {builder.data_dir} ({_reason(e)}): fix that and '
+                f"rerun (`{prepare_command(name, 'DIR')}`); finished downloads are kept"
+            ) from None
         raise DatasetUnavailableError(
             f'tfds dataset {name!r} is not prepared and cannot be downloaded here ({_reason(e)}): prepare it '
-            f"where there is a network (`{prepare_command(name, 'DIR')}`) and point {flags.data_dir} at a copy "
-            f'of DIR, put the files it downloads in {flags.manual_dir}, or use {flags.imagefolder}'
+            f"where there is a network (`{prepare_command(name, 'DIR')}`, which gives up after "
+            f'{_DOWNLOAD_RETRIES} retries per file: rerun it after a network failure, finished downloads are kept) '
+            f'and point {flags.data_dir} at a copy of DIR, put the files it downloads in {flags.manual_dir}, or use '
+            f'{flags.imagefolder}'
         ) from None
+
+
+def _is_network_error(error: BaseException | None) -> bool:
+    """Whether an exception or one it was raised from is a failed connection (requests, urllib3 or socket)."""
+    while error is not None:
+        if (isinstance(error, (ConnectionError, TimeoutError, socket.gaierror))
+                or type(error).__module__.split('.')[0] in ('requests', 'urllib3')):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def has_array_record(builder) -> bool:
