@@ -1,8 +1,6 @@
 """Patch/channel blackout (Zou, Yan & Liu, sections 5-6, Table 1) and sparse kept-patch evaluation."""
 
 import errno
-import json
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +14,7 @@ from bagjax import blackout, cli, data, patches
 from bagjax.experiments import blackout as experiment
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
-from trainutil import ROOT, train_env
+from trainutil import ROOT, file_and_moved_workdir, train_env
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +166,7 @@ def test_compute_table_checks_its_numbers_before_computing(tmp_path, args, match
 def test_bad_out_and_missing_dataset_are_one_line_before_any_work(smoke, tmp_path):
     """--out naming a file, and a workdir whose dataset is gone: one line, exit 1, nothing evaluated or touched."""
     workdir, _, _ = smoke
-    afile = tmp_path / "afile"
-    afile.write_text("keep me")
-    moved = tmp_path / "moved"
-    shutil.copytree(workdir, moved)
-    config = json.loads((moved / "config.json").read_text())
-    (moved / "config.json").write_text(json.dumps({**config, "dataset": f"imagefolder:{tmp_path / 'gone'}"}))
+    afile, moved = file_and_moved_workdir(workdir, tmp_path, f"imagefolder:{tmp_path / 'gone'}")
     for run, expected in ((["--workdir", str(workdir), "--out", str(afile)], f"{afile} is a file, not a directory"),
                           (["--compute-table", "--compute-batch", "0", "--out", str(tmp_path)],
                            "--compute-batch must be at least 1"),

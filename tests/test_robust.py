@@ -15,7 +15,7 @@ from bagjax import attack, patches, robust
 from bagjax.experiments import patch_robustness
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
-from trainutil import ROOT, train_env
+from trainutil import ROOT, file_and_moved_workdir, train_env
 
 
 @pytest.fixture(scope="module")
@@ -344,12 +344,7 @@ def test_cli_rejects_bad_input_in_one_line(smoke, tmp_path):
 def test_cli_output_and_dataset_errors_are_one_line_before_any_work(smoke, tmp_path):
     """An --out that is a file, and a dataset that is gone: one line, exit 1, before the certification runs."""
     workdir, _, _ = smoke
-    afile = tmp_path / "afile"
-    afile.write_text("keep me")
-    moved = tmp_path / "moved"
-    shutil.copytree(workdir, moved)
-    config = json.loads((moved / "config.json").read_text())
-    (moved / "config.json").write_text(json.dumps({**config, "dataset": "tfds:no_such_dataset_here"}))
+    afile, moved = file_and_moved_workdir(workdir, tmp_path, "tfds:no_such_dataset_here")
     for run, expected in (([str(workdir), "--out", str(afile)], f"{afile} is a file, not a directory"),
                           ([str(workdir), "--out", str(afile / "sub")], f"{afile} is a file, not a directory"),
                           ([str(moved)], f"this command takes the dataset from {moved / 'config.json'}: edit")):

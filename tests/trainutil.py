@@ -76,3 +76,17 @@ def restore_params(workdir, step: int) -> dict:
 def train_losses(workdir) -> dict[int, float]:
     """The last logged train loss of every step in ``metrics.jsonl`` (a resumed run logs its steps again)."""
     return {m["step"]: m["train_loss"] for m in read_metrics(workdir) if "train_loss" in m}
+
+
+def file_and_moved_workdir(workdir, tmp_path, dataset: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """A file where a results folder would go, and a copy of ``workdir`` whose config.json names ``dataset``
+    (a dataset that is gone): the bad input of the experiment commands' up-front checks."""
+    import shutil
+
+    afile = pathlib.Path(tmp_path) / "afile"
+    afile.write_text("keep me")
+    moved = pathlib.Path(tmp_path) / "moved"
+    shutil.copytree(workdir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "dataset": dataset}))
+    return afile, moved
