@@ -18,7 +18,6 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bagjax.data import DatasetUnavailableError  # noqa: E402
-from configs import default as default_config  # noqa: E402
 from bagjax.training.checkpoints import DiskFullError  # noqa: E402
 from bagjax.training.lock import WorkdirLockedError  # noqa: E402
 from bagjax.training.loop import NonFiniteLossError  # noqa: E402
@@ -62,15 +61,7 @@ def run():
                             "Train a model; rerunning the same command on the same workdir resumes it.", HELP_FLAGS))
         return
     try:
-        try:
-            rest = FLAGS(sys.argv)
-            FLAGS.config.to_dict()  # a config file that failed to load raises here, not in the middle of training
-        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
-            sys.exit(f"error: {cli.flag_error(e, sys.argv)}")
-        if len(rest) > 1:
-            sys.exit(f"error: {cli.unexpected_arguments(rest[1:])}")
-        if unknown := cli.unknown_config_key(FLAGS.config, default_config.get_config()):
-            sys.exit(f"error: {unknown}")
+        cli.parse_config_flags(FLAGS, sys.argv)
         try:
             app.run(main, argv=[sys.argv[0]])
         except USER_ERRORS as e:

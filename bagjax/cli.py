@@ -129,9 +129,10 @@ def check_workdir_dataset(config, workdir: str | pathlib.Path) -> None:
     try:
         data.dataset_info(config)
     except (data.DatasetUnavailableError, ValueError) as e:
-        raise (data.DatasetUnavailableError if isinstance(e, data.DatasetUnavailableError) else ValueError)(f"{' '.join(str(e).split())} (this command takes the dataset from "
-                      f"{pathlib.Path(workdir) / 'config.json'}: edit \"dataset\" there, or \"data_dir\" / "
-                      "\"manual_dir\" under \"data\", to where the data is now)") from None
+        kind = data.DatasetUnavailableError if isinstance(e, data.DatasetUnavailableError) else ValueError
+        raise kind(f"{' '.join(str(e).split())} (this command takes the dataset from "
+                   f"{pathlib.Path(workdir) / 'config.json'}: edit \"dataset\" there, or \"data_dir\" / "
+                   "\"manual_dir\" under \"data\", to where the data is now)") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -206,6 +207,27 @@ def unknown_config_key(config, reference, prefix: str = "") -> str | None:
             if found:
                 return found
     return None
+
+
+def parse_config_flags(flag_values, argv: Sequence[str],
+                       example: str = "--config.data.flip=False, not --config.data.flip False") -> None:
+    """Parse absl flags that include a ``--config`` file (train.py, heads): a bad flag, a config file that does
+    not load, a stray positional word or a config-file key that configs/default.py lacks exits with one line."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    try:
+        rest = flag_values(argv)
+        flag_values.config.to_dict()  # a config file that failed to load raises here, not in the middle of a run
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
+        sys.exit(f"error: {flag_error(e, argv)}")
+    if len(rest) > 1:  # absl leaves positional words over, e.g. from `--config.data.flip False`
+        sys.exit(f"error: {unexpected_arguments(rest[1:], example)}")
+    try:  # the checkout's configs/ (bagjax's wheel does not ship it, and a config file may stand alone)
+        from configs import default  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return
+    if unknown := unknown_config_key(flag_values.config, default.get_config()):
+        sys.exit(f"error: {unknown}")
 
 
 def flag_error(e: BaseException, argv: Sequence[str]) -> str:

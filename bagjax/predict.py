@@ -113,7 +113,8 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli.ArgumentParser(prog="python -m bagjax.predict", description="Top-5 classes and an evidence heatmap per image.")
+    parser = cli.ArgumentParser(prog="python -m bagjax.predict",
+                                description="Top-5 classes and an evidence heatmap per image.")
     parser.add_argument("--workdir", required=True, help="a training workdir (python train.py ... --workdir)")
     parser.add_argument("--out", help="where the heatmap PNGs go (default: WORKDIR/predictions)")
     parser.add_argument("--stride1", action="store_true", help="exact per-pixel BagNet heatmap (slower)")

@@ -4,9 +4,8 @@
         --config.data.manual_dir=/path/to/imagenet/tars
 
 Section 4.1: synchronous SGD, momentum 0.9, batch 256, weight decay 1e-4, 100 epochs, learning rate 0.1
-divided by 10 every 30 epochs, standard augmentation (the paper cites He et al. 2016; here torchvision's random resized crop and flip,
-the recipe of the reference ImageNet scripts),
-224 px. The paper gives the auxiliary attention classifiers (section 3.2, "a FC layer and softmax ...
+divided by 10 every 30 epochs, standard augmentation (the paper cites He et al. 2016; here torchvision's
+random resized crop and flip, the recipe of the reference ImageNet scripts), 224 px. The paper gives the auxiliary attention classifiers (section 3.2, "a FC layer and softmax ...
 behind the attention features X") no weight of their own, so their cross-entropies are added to the
 branch losses with weight 1 (``aux_loss_weight = 1.0``). AnchorNet has no width or stage options
 (its architecture is Tables 1 and 2); ``model_kwargs`` holds its pooling reading, BatchNorm momentum

@@ -33,9 +33,9 @@ import statistics
 
 from PIL import Image
 
+from bagjax.data.sources import IMAGE_EXTENSIONS
 from configs import default
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_SPLITS = ("validation", "val", "test")
 SIZE_SAMPLE = 256  # images whose size is read (headers only) for the typical size
 MIN_GRID = 3  # patches a side
@@ -128,7 +128,8 @@ def recipe(config, found: dict):
     config.schedule.warmup_epochs = 1.0
     print(f"folder recipe for {found['root']}: {len(found['classes'])} classes, {n} train images "
           f"(eval: {config.data.eval_split}), typical size {found['typical_size']} px -> {config.model} "
-          f"(receptive field {rf} px, width {width}, blocks {stages}) at {config.image_size} px{upscaled}, crops keep >= "
+          f"(receptive field {rf} px, width {width}, blocks {stages}) at {config.image_size} px{upscaled}, "
+          f"crops keep >= "
           f"{config.data.crop_min_area:.0%}{'' if config.data.flip else ', no flips (grayscale)'}, "
           f"batch {config.batch_size}, {config.num_epochs:.0f} epochs ({steps} steps), precise BN over "
           f"{config.precise_bn.num_batches} batches; change any with --config.KEY=VALUE", flush=True)

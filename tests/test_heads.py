@@ -112,7 +112,8 @@ def test_fixed_matrices_are_not_parameters_gradients_or_optimizer_state(head, ke
 
 def test_identity_head_learns_real_digits_with_trustworthy_eval_mode(tmp_path):
     """No classifier layer (thesis ch. 3) on real images: >= 94% on the 359 held-out digits with the folder recipe
-    (95.5 / 95.3 / 95.0 % for seeds 0 / 1 / 2; the learned head 96.4 %), eval mode within 2 points of batch statistics."""
+    (95.5 / 95.3 / 95.0 % for seeds 0 / 1 / 2; the learned head 96.4 %), eval mode within 2 points of batch
+    statistics."""
     digits = write_digits_folder(tmp_path / "digits")
     run_train(f"folder.py:{digits}", tmp_path / "run", "--config.head=identity", "--config.heatmap_images=0")
     final = [m for m in read_metrics(tmp_path / "run") if "guard_eval_accuracy" in m][-1]

@@ -22,10 +22,10 @@ from typing import Any, Sequence  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bagjax import cli, patches  # noqa: E402
+from bagjax import cli  # noqa: E402
 from bagjax.blackout import (COMPUTE_KEEPS, COMPUTE_MODELS, MODES, PAPER_DROPS, SWEEP_KEEPS,  # noqa: E402
                              compute_table, make_schemes, run_blackout)
-from bagjax.models import create_model  # noqa: E402
+from bagjax.models import receptive_field  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
 
 
@@ -163,7 +163,7 @@ def check_args(args: argparse.Namespace) -> list:
             raise ValueError(f"--compute-keeps must lie in [0, 1], got {bad}")
         if args.compute_batch < 1:
             raise ValueError(f"--compute-batch must be at least 1 image, got {args.compute_batch}")
-        rf = max(patches.receptive_field(create_model(name, num_classes=1))[0] for name in COMPUTE_MODELS)
+        rf = max(receptive_field(name)[0] for name in COMPUTE_MODELS)
         if args.compute_image_size < rf:
             raise ValueError(f"--compute-image-size must be at least {rf} px (BagNet-33's receptive field), got "
                              f"{args.compute_image_size}")

@@ -195,7 +195,7 @@ def main(argv: Sequence[str]) -> None:
 def run() -> None:
     """absl's flag errors are multi-line; turn a bad flag into one actionable line (as train.py does)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the input pipeline uses tf.data
-    from absl import app, flags
+    from absl import app
 
     if cli.wants_help(sys.argv):
         print(cli.help_text("python -m bagjax.experiments.heads --config configs/NAME.py[:smoke] --workdir DIR "
@@ -209,20 +209,7 @@ def run() -> None:
     cli.catch_interrupts()
     flags_ = _define_flags()
     try:
-        try:
-            rest = flags_(sys.argv)
-            flags_.config.to_dict()  # a config file that failed to load raises here
-        except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
-            sys.exit(f"error: {cli.flag_error(e, sys.argv)}")
-        if len(rest) > 1:  # absl leaves positional words over, e.g. from `--heads learned identity`
-            sys.exit("error: " + cli.unexpected_arguments(
-                rest[1:], "--heads=learned,identity, not --heads learned identity"))
-        try:  # the checkout's configs/ (bagjax's wheel does not ship it); as train.py does
-            from configs import default as default_config
-        except ImportError:
-            default_config = None
-        if default_config and (unknown := cli.unknown_config_key(flags_.config, default_config.get_config())):
-            sys.exit(f"error: {unknown}")
+        cli.parse_config_flags(flags_, sys.argv, "--heads=learned,identity, not --heads learned identity")
         cli.run_main(lambda: app.run(main, argv=[sys.argv[0]]), errors=(ValueError, RuntimeError))
     except cli.Interrupted as e:
         cli.interrupted_exit(e)
