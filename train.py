@@ -18,7 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bagjax.data import DatasetUnavailableError  # noqa: E402
-from bagjax.training.checkpoints import DiskFullError  # noqa: E402
+from bagjax.training.checkpoints import DiskFullError, kept_checkpoints  # noqa: E402
 from bagjax.training.lock import WorkdirLockedError  # noqa: E402
 from bagjax.training.loop import NonFiniteLossError  # noqa: E402
 
@@ -68,8 +68,9 @@ def run():
             if os.environ.get("BAGJAX_TRACEBACK") == "1":
                 raise
             if "No space left on device" in str(e) and not isinstance(e, DiskFullError):  # a write failed half way
-                sys.exit(f"error: disk full while writing a checkpoint in {FLAGS.workdir}: the earlier checkpoints "
-                         "are intact (a half-written one is never resumed from); free space and rerun the same command")
+                sys.exit(f"error: disk full while writing a checkpoint in {FLAGS.workdir}: "
+                         f"{kept_checkpoints(FLAGS.workdir)} are intact (a half-written one is never resumed "
+                         "from); free space and rerun the same command")
             sys.exit(f"error: {' '.join(str(e).split())}")
     except cli.Interrupted as e:
         cli.interrupted_exit(e)

@@ -341,9 +341,12 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_saved_checkpoints(t
         proc = run_cmd(train_cmd("demo.py:smoke", workdir, *args), train_env(), check=False)
         assert proc.returncode == 1
         lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("train:")]
-        assert len(lines) == 1 and lines[0].startswith("error: disk full: "), proc.stderr[-3000:]
+        # Which write meets the full disk (the up-front space check or orbax half way) depends on timing: assert
+        # what either line must carry, not its wording.
+        assert len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0].startswith("error: ") and "disk full" in lines[0] and str(workdir) in lines[0], lines[0]
         steps = checkpoint_steps(workdir)
-        assert steps and f"the checkpoints up to step {steps[-1]} are intact" in lines[0]
+        assert steps and f"the checkpoints up to step {steps[-1]} are intact" in lines[0], lines[0]
         restore_params(workdir, steps[-1])
     finally:
         subprocess.run(["umount", str(mount)], check=False)

@@ -62,8 +62,9 @@ def run_cmd(cmd: list[str], env: dict[str, str], *, check: bool = True,
 
 def checkpoint_steps(workdir) -> list[int]:
     """The finished checkpoint steps on disk (orbax renames a step's temporary directory when it is complete)."""
-    directory = pathlib.Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    from bagjax.training.checkpoints import finished_steps
+
+    return finished_steps(workdir)
 
 
 def restore_params(workdir, step: int) -> dict:

@@ -114,11 +114,11 @@ class Checkpoints:
 
             short = bool(multihost_utils.broadcast_one_to_all(np.array(short)))
         if short:
-            kept = self.all_steps()
+            self.wait()  # a save still in flight finishes (or fails) first, so the message names what is on disk
             raise DiskFullError(f"disk full: {free / 2**20:.1f} MiB free in {self.directory} but the checkpoint of "
                                 f"step {step} needs about {need / 2**20:.1f} MiB; nothing was written and "
-                                f"{'the checkpoints up to step ' + str(kept[-1]) if kept else 'no checkpoint'} "
-                                "are intact: free space (or lower keep_checkpoints) and rerun the same command")
+                                f"{kept_checkpoints(self.directory.parent)} are intact: free space (or lower "
+                                "keep_checkpoints) and rerun the same command")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -271,6 +271,19 @@ def read_dataset_info(workdir: str | pathlib.Path) -> dict[str, Any]:
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}): rerun train.py with the same config on {workdir}, "
                          "which writes it again") from None
+
+
+def finished_steps(workdir: str | pathlib.Path) -> list[int]:
+    """The complete checkpoint steps on disk, read without orbax: a step's directory gets its number only once
+    orbax has finished writing it, so a half-written step is never among them."""
+    directory = pathlib.Path(workdir) / CHECKPOINT_DIR
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def kept_checkpoints(workdir: str | pathlib.Path) -> str:
+    """'the checkpoints up to step N' or 'no checkpoint', for the disk-full messages."""
+    steps = finished_steps(workdir)
+    return f"the checkpoints up to step {steps[-1]}" if steps else "no checkpoint"
 
 
 def is_workdir(path: str | pathlib.Path) -> bool:
