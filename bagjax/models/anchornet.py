@@ -106,6 +106,17 @@ def pool_logits(class_maps: jax.Array, attention: jax.Array, pooling: str = "sum
     return logits / (class_maps.shape[1] * class_maps.shape[2]) if pooling == "mean" else logits
 
 
+def spatial_softmax(x: jax.Array) -> jax.Array:
+    """Softmax of (B, H, W) scores over all H*W locations (Eq. 1 and 5), written out as ``jax.nn.softmax`` computes it.
+
+    The same numbers as ``jax.nn.softmax(x, axis=(1, 2))`` (shift by the max, exp, divide by the sum). Written
+    with plain reductions because ONNX's Softmax takes one axis and flattening H*W is not expressible for a
+    symbolic image size, so the exported graph (``bagjax.export``) keeps any input size.
+    """
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=(1, 2), keepdims=True)))
+    return e / jnp.sum(e, axis=(1, 2), keepdims=True)
+
+
 class SpatialAttention(nn.Module):
     """Attention of AnchorNet section 3.2, Eq. 1-5: X (B, H, W, C) -> S (B, H, W), summing to 1 over H, W.
 
@@ -116,11 +127,11 @@ class SpatialAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         g = nn.Conv(1, (1, 1), use_bias=False, kernel_init=small_init, name="compact")(x)[..., 0]
-        g = jax.nn.softmax(g, axis=(1, 2))  # Eq. 1
+        g = spatial_softmax(g)  # Eq. 1
         c = jnp.einsum("bhwc,bhw->bc", x, g)  # Eq. 2
         c = jax.nn.softmax(c, axis=-1)  # Eq. 3
         s = jnp.einsum("bhwc,bc->bhw", x, c)  # Eq. 4
-        return jax.nn.softmax(s, axis=(1, 2))  # Eq. 5
+        return spatial_softmax(s)  # Eq. 5
 
 
 class LocalizationBranch(nn.Module):
@@ -188,7 +199,7 @@ class AnchorNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, dict[int, jax.Array]]:
-        if x.ndim != 4 or min(x.shape[1], x.shape[2]) < MIN_INPUT:
+        if x.ndim != 4 or x.shape[1] < MIN_INPUT or x.shape[2] < MIN_INPUT:  # each side (symbolic sizes too)
             raise ValueError(f"AnchorNet needs NHWC images of at least {MIN_INPUT}x{MIN_INPUT} px "
                              f"(its largest receptive field); got shape {tuple(x.shape)}")
         h = ConvBN(STEM_FEATURES, 3, 2, activation="HS", bn_momentum=self.bn_momentum, dtype=self.dtype,
