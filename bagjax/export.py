@@ -264,9 +264,10 @@ def model_card(meta: dict[str, Any], fmt: str) -> str:
         prep = f"image = image.resize(({size}, {size}), Image.BILINEAR)  # as in training"
     else:
         short = int(size / float(meta["preprocessing"].split(":")[1]) + 1e-6)
-        prep = (f"w, h = image.size; s = {short} / min(w, h)  # shorter side to {short}, centre {size} crop\n"
-                f"image = image.resize((int(w * s), int(h * s)) if w != h else ({short}, {short}), Image.BILINEAR)\n"
-                f"left, top = round((image.width - {size}) / 2), round((image.height - {size}) / 2)\n"
+        prep = (f"w, h = image.size  # shorter side to {short} px, then the centre {size}x{size} crop\n"
+                f"new = ({short}, int({short} * h / w)) if w <= h else (int({short} * w / h), {short})\n"
+                "image = image.resize(new, Image.BILINEAR) if new != image.size else image\n"
+                f"left, top = round((new[0] - {size}) / 2), round((new[1] - {size}) / 2)\n"
                 f"image = image.crop((left, top, left + {size}, top + {size}))")
     if fmt == "onnx":
         run = ("import onnxruntime as ort\n"
