@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--workdir", help="a training workdir (python train.py ... --workdir)")
     src.add_argument("--weights", help="a bagjax.convert output directory (model.json + variables/)")
     parser.add_argument("--model", help="with --weights: the model it holds (checked against its model.json)")
-    parser.add_argument("--checkpoint", default="best", help="with --workdir: best (default), latest or a step")
+    parser.add_argument("--checkpoint", help="with --workdir: best (default), latest or a step")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output directory (model file + README.md model card)")
     parser.add_argument("--outputs", help="comma-separated (default: all, e.g. logits,patch_logits for a BagNet)")
@@ -357,8 +357,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         start = time.perf_counter()
-        source = load_workdir(args.workdir, args.checkpoint) if args.workdir else load_weights(args.weights,
-                                                                                                 args.model)
+        if args.workdir and args.model:
+            raise UserError("--model goes with --weights: a workdir's config.json names its model; leave it out")
+        if args.weights and args.checkpoint:
+            raise UserError("--checkpoint goes with --workdir: converted --weights hold one set of weights")
+        source = (load_workdir(args.workdir, args.checkpoint or "best") if args.workdir else
+                  load_weights(args.weights, args.model))
         outputs = [o.strip() for o in args.outputs.split(",") if o.strip()] if args.outputs else None
         path = export(source, args.format, args.out, outputs=outputs, image_size=args.image_size,
                       overwrite=args.overwrite)

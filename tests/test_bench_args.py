@@ -24,6 +24,7 @@ CASES = [  # (script, arguments, what the line must say); {file} and {workdir} a
     ("heatmap.py", ["--patches", "0"], "--patches must be at least 1, got 0"),
     ("input_pipeline.py", ["--workers", "0"], "--workers must be at least 1, got 0"),
     ("input_pipeline.py", ["--dtype", "f16"], "invalid choice: 'f16'"),
+    ("export.py", ["--size", "20"], "--size must be at least 33, got 20"),
     ("lsp.py", ["--images", "3"], "unrecognized arguments: --images 3"),
 ]
 

@@ -93,18 +93,24 @@ def test_fixed_size_export_and_chosen_outputs(tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "model.onnx"]
 
 
+@pytest.fixture(scope="module")
+def resnet_weights(tmp_path_factory):
+    """Converted full-size ResNet-50 weights (5 classes), as python -m bagjax.convert writes them."""
+    weights = tmp_path_factory.mktemp("resnet50") / "weights"
+    convert.write_pretrained(weights, source("resnet50", {}).variables, model="resnet50", num_classes=5)
+    return weights
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--outputs", "patch_logits"], "resnet50 has no such output; it has logits"),
     (["--image-size", "20"], "--image-size 20: resnet50 needs at least 32 px"),
     (["--format", "tflite"], "invalid choice: 'tflite'"),
     (["--model", "bagnet33"], "holds resnet50 weights: pass --model resnet50"),
+    (["--checkpoint", "3"], "--checkpoint goes with --workdir"),
 ])
-def test_refusals_are_one_line(argv, fragment, tmp_path, capsys):
-    weights = tmp_path / "weights"
-    variables = source("resnet50", {}).variables
-    convert.write_pretrained(weights, variables, model="resnet50", num_classes=5)
+def test_refusals_are_one_line(argv, fragment, resnet_weights, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        export.main(["--weights", str(weights), "--format", "onnx", "--out", str(tmp_path / "out"), *argv])
+        export.main(["--weights", str(resnet_weights), "--format", "onnx", "--out", str(tmp_path / "out"), *argv])
     message = str(exit_info.value.code) + capsys.readouterr().err
     assert fragment in message and "Traceback" not in message
     assert not (tmp_path / "out").exists()
