@@ -108,6 +108,9 @@ def all_outputs(source: Source, x: jax.Array) -> dict[str, jax.Array]:
     ``patch_logits`` or AnchorNet's per-branch ``logits_RF``, ``class_maps_RF`` and ``attention_RF``."""
     from bagjax.models import is_bagnet
 
+    if is_bagnet(source.name):  # the network once: the image logits are the mean of the patch logits (contract)
+        patch_logits = source.model.apply(source.variables, x, train=False, method="patch_logits")
+        return {"logits": jnp.mean(patch_logits, axis=(1, 2)), "patch_logits": patch_logits}
     raw = source.model.apply(source.variables, x, train=False)
     if isinstance(raw, dict):  # AnchorNet: {'logits', 'class_maps', 'attention'}, each keyed by branch
         from bagjax.models.anchornet import image_logits
@@ -116,9 +119,6 @@ def all_outputs(source: Source, x: jax.Array) -> dict[str, jax.Array]:
         for rf in raw["logits"]:
             flat.update({f"{key}_{rf}": raw[key][rf] for key in ("logits", "class_maps", "attention")})
         return flat
-    if is_bagnet(source.name):
-        return {"logits": raw, "patch_logits": source.model.apply(source.variables, x, train=False,
-                                                                  method="patch_logits")}
     return {"logits": raw}
 
 

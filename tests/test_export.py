@@ -39,15 +39,16 @@ def source(name: str, kw: dict) -> export.Source:
     return export.Source(name, model, variables, tuple("abcde"), 64, "resize", "test", kw)
 
 
-def run_onnx(path, images):
+def onnx_runner(path):
     session = ort.InferenceSession(str(path))
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, {"images": images}))), session
+    return lambda images: dict(zip(names, session.run(None, {"images": images}))), session
 
 
-def run_savedmodel(path, images):
+def savedmodel_runner(path):
     model = tf.saved_model.load(str(path))
-    return {k: v.numpy() for k, v in model.signatures["serving_default"](images=tf.constant(images)).items()}, model
+    serve = model.signatures["serving_default"]
+    return lambda images: {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}, model
 
 
 def assert_close(got: dict, want: dict):
@@ -59,23 +60,24 @@ def assert_close(got: dict, want: dict):
         assert err < 1e-4, f"{key}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("fmt", export.FORMATS)
 @pytest.mark.parametrize("name,kw,square,rect", MODELS, ids=[m[0] for m in MODELS])
-def test_export_matches_jax_for_batch_sizes_and_image_sizes(name, kw, square, rect, fmt, tmp_path):
+def test_onnx_and_savedmodel_match_jax_for_batch_sizes_and_image_sizes(name, kw, square, rect, tmp_path):
     src = source(name, kw)
-    path = export.export(src, fmt, tmp_path / "out")
+    onnx_run, session = onnx_runner(export.export(src, "onnx", tmp_path / "onnx"))
+    saved = export.export(src, "savedmodel", tmp_path / "tf")
+    tf_run, _ = savedmodel_runner(saved)
     want = jax.jit(export.serving_fn(src, export.available_outputs(src)))
     rng = np.random.default_rng(0)
     for batch, (h, w) in [(1, (square, square)), (3, rect)]:
         images = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
-        got, loaded = (run_onnx if fmt == "onnx" else run_savedmodel)(path, images)
-        assert_close(got, want(src.variables, images))
+        expected = want(src.variables, images)
+        assert_close(onnx_run(images), expected)
+        assert_close(tf_run(images), expected)
     if name == "bagnet33":  # the evidence map grows with the image: 2 x 4 locations at 48 x 64 px
-        assert got["patch_logits"].shape == (3, 2, 4, 5)
-    meta = (json.loads(loaded.get_modelmeta().custom_metadata_map["class_names"]) if fmt == "onnx" else
-            json.loads((path / "assets" / export.METADATA_FILE).read_text())["class_names"])
-    assert meta == list("abcde")
-    assert "README.md" in os.listdir(tmp_path / "out")
+        assert expected["patch_logits"].shape == (3, 2, 4, 5)
+    assert json.loads(session.get_modelmeta().custom_metadata_map["class_names"]) == list("abcde")
+    assert json.loads((saved / "assets" / export.METADATA_FILE).read_text())["class_names"] == list("abcde")
+    assert "README.md" in os.listdir(tmp_path / "onnx") and "README.md" in os.listdir(tmp_path / "tf")
 
 
 def test_fixed_size_export_and_chosen_outputs(tmp_path):
@@ -93,26 +95,28 @@ def test_fixed_size_export_and_chosen_outputs(tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "model.onnx"]
 
 
-@pytest.fixture(scope="module")
-def resnet_weights(tmp_path_factory):
-    """Converted full-size ResNet-50 weights (5 classes), as python -m bagjax.convert writes them."""
-    weights = tmp_path_factory.mktemp("resnet50") / "weights"
-    convert.write_pretrained(weights, source("resnet50", {}).variables, model="resnet50", num_classes=5)
-    return weights
-
-
 @pytest.mark.parametrize("argv,fragment", [
-    (["--outputs", "patch_logits"], "resnet50 has no such output; it has logits"),
-    (["--image-size", "20"], "--image-size 20: resnet50 needs at least 32 px"),
     (["--format", "tflite"], "invalid choice: 'tflite'"),
     (["--model", "bagnet33"], "holds resnet50 weights: pass --model resnet50"),
     (["--checkpoint", "3"], "--checkpoint goes with --workdir"),
 ])
-def test_refusals_are_one_line(argv, fragment, resnet_weights, tmp_path, capsys):
+def test_command_refusals_are_one_line(argv, fragment, tmp_path, capsys):
+    weights = tmp_path / "weights"
+    convert.write_pretrained(weights, source("resnet50", TINY).variables, model="resnet50", num_classes=5)
     with pytest.raises(SystemExit) as exit_info:
-        export.main(["--weights", str(resnet_weights), "--format", "onnx", "--out", str(tmp_path / "out"), *argv])
+        export.main(["--weights", str(weights), "--format", "onnx", "--out", str(tmp_path / "out"), *argv])
     message = str(exit_info.value.code) + capsys.readouterr().err
-    assert fragment in message and "Traceback" not in message
+    assert fragment in message and "Traceback" not in message and len(message.strip().splitlines()) <= 2
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    (dict(outputs=["patch_logits"]), "resnet50 has no such output; it has logits"),
+    (dict(image_size=20), "--image-size 20: resnet50 needs at least 32 px"),
+])
+def test_what_a_model_cannot_export_is_refused_before_writing(kw, fragment, tmp_path):
+    with pytest.raises(UserError, match=fragment):
+        export.export(source("resnet50", TINY), "onnx", tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()
 
 
@@ -124,10 +128,10 @@ def test_torch_bagnet33_convert_export_onnxruntime_round_trip(tmp_path, capsys):
     export.main(["--weights", str(tmp_path / "converted"), "--format", "onnx", "--out", str(tmp_path / "onnx")])
     assert "model.onnx" in capsys.readouterr().out
     images = np.random.default_rng(0).integers(0, 256, (2, 41, 49, 3), dtype=np.uint8)
-    got, _ = run_onnx(tmp_path / "onnx" / "model.onnx", images)
+    got = onnx_runner(tmp_path / "onnx" / "model.onnx")[0](images)
     with torch.no_grad():
         x = torch.from_numpy(np.asarray(normalize(images))).permute(0, 3, 1, 2)
-        want = {"logits": reference(x).numpy(), "patch_logits": reference.patch_logits(x).permute(0, 2, 3, 1).numpy()}
+        want = {"logits": reference(x).numpy(), "patch_logits": reference.patch_logits(x).numpy()}
     assert_close(got, want)
 
 
