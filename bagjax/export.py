@@ -100,7 +100,8 @@ def load_weights(weights: str | pathlib.Path, model: str | None = None) -> Sourc
     num_classes = int(meta["num_classes"])
     built = create_model(meta["model"], num_classes=num_classes, head=meta.get("head", "learned"))
     names = tuple(str(i) for i in range(num_classes))
-    return Source(meta["model"], built, variables, names, 224, "crop:0.875", f"converted weights {meta['source']}")
+    origin = f"converted weights {meta.get('source') or pathlib.Path(weights).name}"
+    return Source(meta["model"], built, variables, names, 224, "crop:0.875", origin)  # ImageNet's eval size
 
 
 def all_outputs(source: Source, x: jax.Array) -> dict[str, jax.Array]:
