@@ -281,7 +281,8 @@ def model_card(meta: dict[str, Any], fmt: str) -> str:
                "outputs = {k: v.numpy() for k, v in model.signatures[\"serving_default\"](images=pixels).items()}")
     classes = "json.loads(session.get_modelmeta().custom_metadata_map[\"class_names\"])" if fmt == "onnx" else \
         "json.load(open(f\"{EXPORT}/saved_model/assets/bagjax.json\"))[\"class_names\"]"
-    snippet = (f"import json, sys\nimport numpy as np\nfrom PIL import Image\n\nEXPORT, IMAGE = sys.argv[1], sys.argv[2]\n"
+    snippet = ("import json, sys\nimport numpy as np\nfrom PIL import Image\n\n"
+               "EXPORT, IMAGE = sys.argv[1], sys.argv[2]\n"
                f"image = Image.open(IMAGE).convert(\"RGB\")\n{prep}\n"
                f"pixels = np.asarray(image, np.uint8)[None]  # uint8 NHWC; the model normalises\n{run}\n"
                f"classes = {classes}\n"

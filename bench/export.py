@@ -88,7 +88,8 @@ def main() -> None:
             errors["TF vs jax.jit logits"] = relative_error(got["logits"], want["logits"])
             errors["TF vs jax.jit patch_logits"] = relative_error(got["patch_logits"], want["patch_logits"])
         seconds = _median_seconds(fns, args.iters)
-        print(f"{MODEL} eval, batch {args.batch}, {args.size} px, float32, CPU ({torch.get_num_threads()} torch threads)")
+        threads = torch.get_num_threads()
+        print(f"{MODEL} eval, batch {args.batch}, {args.size} px, float32, CPU ({threads} torch threads)")
         print(f"{'runtime':<20}{'img/s':>8}")
         for name, s in seconds.items():
             print(f"{'PyTorch reference' if name == 'torch' else name:<20}{args.batch / s:>8.2f}")
