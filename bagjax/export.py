@@ -27,7 +27,6 @@ import logging
 import os
 import pathlib
 import shutil
-import sys
 import time
 from typing import Any, Callable
 
@@ -35,7 +34,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import bagjax  # noqa: E402
 from bagjax import cli  # noqa: E402
@@ -375,4 +373,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
