@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import heapq
 import html
 import io
@@ -194,21 +195,29 @@ def forward_fn(trained: Trained, kind: str):
             raw = model.apply(variables, images, train=False, method="patch_logits").astype(jnp.float32)
             clip = robust.config_clip(config)
             evidence = robust.parse_clip(clip).fn(raw) if clip else raw
-            return {"logits": logits, "maps": {"patch logits": evidence}, "raw": raw}
+            return {"logits": logits, "maps": [evidence], "raw": raw}
         if kind == "anchornet":
             from bagjax import localize
             from bagjax.models.anchornet import RECEPTIVE_FIELDS
 
             outputs = model.apply(variables, images, train=False)
             found = localize.localize_patches(outputs, localize.LSP_VISUALIZATION)
-            maps = {f"branch {rf}": outputs["class_maps"][rf].astype(jnp.float32) for rf in RECEPTIVE_FIELDS}
+            maps = [outputs["class_maps"][rf].astype(jnp.float32) for rf in RECEPTIVE_FIELDS]
             return {"logits": logits, "maps": maps, "rule": found,
                     "branch_logits": jnp.stack([outputs["logits"][rf] for rf in RECEPTIVE_FIELDS], 1)}
         features = model.apply(variables, images, train=False, method="features")
-        return {"logits": logits, "maps": {"CAM": blackout.head_function(model, variables)(features)
-                                           .astype(jnp.float32)}}
+        return {"logits": logits, "maps": [blackout.head_function(model, variables)(features).astype(jnp.float32)]}
 
     return jax.jit(forward)
+
+
+def map_names(kind: str) -> list[str]:
+    """The names of ``forward_fn``'s maps, in order."""
+    if kind == "anchornet":
+        from bagjax.models.anchornet import RECEPTIVE_FIELDS
+
+        return [f"branch {rf}" for rf in RECEPTIVE_FIELDS]
+    return ["patch logits"] if kind == "bagnet" else ["CAM"]
 
 
 def map_geometry(trained: Trained, kind: str, name: str) -> dict[str, Any]:
@@ -228,24 +237,29 @@ def patch_sizes(image_size: int) -> list[int]:
     return sorted({max(1, round(image_size * math.sqrt(a))) for a in PATCH_AREAS})
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _masking(raw: jax.Array, window: tuple[int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PatchGuard robust masking of one image: masked prediction, its certificate, the window masking removes."""
+    prediction = jnp.argmax(robust.defended_logits(raw, "mask", window))
+    certified = robust.certify(raw[None], prediction[None], "mask", window)["certified"][0]
+    return prediction, certified, robust.masked_window(raw, window, prediction)
+
+
 def robustness(trained: Trained, raw: np.ndarray, height: int, width: int, sizes: Sequence[int]) -> list[dict]:
     """PatchGuard robust masking (``bagjax.robust``) of one image at each patch size: certified, window, its box.
 
-    Certified means no patch of that size anywhere changes the masked prediction (the certificate of
-    ``robust.certify`` for the label ``prediction``); ``box`` is the pixel box of the window masking removes for
-    the predicted class.
+    Certified means no patch of that size anywhere changes the masked prediction (``robust.certify`` with that
+    prediction as the label); ``box`` is the pixel box of the window masking removes for the predicted class.
     """
     boxes = patches.patch_boxes(trained.model, height, width)
     out = []
     for size in sizes:
         window = robust.window_shape(trained.model, size, height, width)
-        logits = jnp.asarray(raw)[None]
-        prediction = robust.certify(logits, jnp.zeros((1,), jnp.int32), "mask", window)["prediction"]
-        result = robust.certify(logits, prediction, "mask", window)
-        a, b = (int(v) for v in robust.masked_window(jnp.asarray(raw), window, prediction[0]))
+        prediction, certified, (a, b) = jax.device_get(_masking(jnp.asarray(raw), window))
+        a, b = int(a), int(b)
         first, last = boxes[a, b], boxes[a + window[0] - 1, b + window[1] - 1]
-        out.append({"patch": int(size), "window": list(window), "prediction": int(prediction[0]),
-                    "certified": bool(result["certified"][0]), "start": [a, b],
+        out.append({"patch": int(size), "window": list(window), "prediction": int(prediction),
+                    "certified": bool(certified), "start": [a, b],
                     "box": [int(first[0]), int(first[1]), int(min(last[2], height)), int(min(last[3], width))]})
     return out
 
@@ -273,14 +287,14 @@ def _record(trained: Trained, kind: str, example: Example, out: dict[str, Any], 
     logits = np.asarray(out["logits"], np.float32)
     probs = np.asarray(jax.nn.softmax(logits))
     prediction = int(np.argmax(logits))
-    evidence = out["maps"].get("patch logits") if kind == "bagnet" else None
+    evidence = out["maps"][0] if kind == "bagnet" else None
     classes, cut = embedded_classes(logits, evidence, max_classes)
     top = np.argsort(-probs, kind="stable")[:TOP_K]
     record: dict[str, Any] = {
         "name": example.name, "image": encode_image(example.pixels), "height": height, "width": width,
         "label": example.label, "prediction": prediction, "classes": classes.tolist(), "cut": cut,
         "top": [[int(c), float(probs[c]), float(logits[c])] for c in top], "maps": []}
-    for name, values in out["maps"].items():
+    for name, values in zip(map_names(kind), out["maps"]):
         values = np.asarray(values, np.float32)[..., classes]
         encoded = encode_array(values)
         if kind == "bagnet" and _mean_argmax(encoded, classes) != prediction:

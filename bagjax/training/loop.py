@@ -462,8 +462,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
 
 
 def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names) -> None:
-    """A figure of a few eval images beside the exact stride-1 evidence map of their predicted class (heatmaps.png)."""
-    from bagjax import interpret
+    """A figure of a few eval images beside the exact stride-1 evidence map of their predicted class (heatmaps.png),
+    and the evidence explorer page of the same images (explore.html, ``bagjax.explore``)."""
+    from bagjax import explore, interpret
+    from bagjax.workdir import Trained
 
     batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
     pixels = batch["image"][: config.heatmap_images]
@@ -473,3 +475,6 @@ def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names
     titles = [f"true {class_names[t]} / pred {class_names[p]}" for t, p in zip(batch["label"], predicted)]
     interpret.save_heatmap_figure(workdir / "heatmaps.png", pixels, maps, titles)
     print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
+    examples = [explore.Example(f"eval #{i}", p, int(t)) for i, (p, t) in enumerate(zip(pixels, batch["label"]))]
+    trained = Trained(config, model, variables, tuple(class_names))
+    print(f"wrote {explore.explore(workdir, examples=examples, trained=trained, progress=False)}", flush=True)
