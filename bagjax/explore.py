@@ -137,16 +137,11 @@ def embedded_classes(logits: np.ndarray, patch_logits: np.ndarray | None, max_cl
     if num_classes <= max_classes:
         return np.arange(num_classes), False
     order = np.argsort(-logits, kind="stable")
-    wanted = set(order[:TOP_K].tolist())
-    cut = False
-    if patch_logits is not None:
-        winners = possible_winners(patch_logits)
-        ranked = [int(c) for c in order if winners[c]]
-        wanted |= set(ranked[:max_classes - len(wanted)])
-        cut = not all(c in wanted for c in ranked)
-    else:
-        wanted |= set(order[:max_classes].tolist())
-    return np.asarray(sorted(wanted)[:max(max_classes, TOP_K)]), cut
+    if patch_logits is None:
+        return np.sort(order[:max_classes]), False
+    winners = possible_winners(patch_logits)
+    ranked = [*order[:TOP_K], *(c for c in order[TOP_K:] if winners[c])]  # past the top-k: possible winners only
+    return np.sort(ranked[:max_classes]), len(ranked) > max_classes
 
 
 def _mean_argmax(encoded: dict[str, Any], classes: np.ndarray) -> int:

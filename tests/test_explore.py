@@ -101,6 +101,13 @@ def test_float16_falls_back_to_float32_where_a_near_tie_would_flip_the_argmax():
     assert explore._mean_argmax(explore.encode_array(tied, "float32"), np.arange(2)) == 1
     winners = explore.possible_winners(np.array([[[5.0, 0.0, -1.0]], [[0.0, 4.0, -9.0]]], np.float32))
     assert winners.tolist() == [True, True, False]  # class 2 never beats the best worst-case of another
+    rng = np.random.default_rng(0)
+    many = rng.normal(size=(3, 3, 300)).astype(np.float32)
+    many[..., 7] += 3.0  # the top class; most others can still win some single patch
+    classes, cut = explore.embedded_classes(many.mean(axis=(0, 1)), many, 20)
+    assert len(classes) == 20 and 7 in classes and cut and list(classes) == sorted(classes)
+    ranked = np.argsort(-many.mean(axis=(0, 1)), kind="stable")
+    assert set(ranked[:explore.TOP_K]) <= set(classes)  # the top-k always; the cut drops the lowest ranked
 
 
 def test_bad_input_is_a_user_error_naming_the_fix(pages, tmp_path):
