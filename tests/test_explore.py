@@ -209,6 +209,8 @@ def test_the_page_in_a_browser(pages, model_outputs, browser, tmp_path):
             certified = bool(robust.certify(logits[None], predicted[None], "mask", window)["certified"][0])
             assert attribute(browser, "robust-result", "patch") == str(size)
             assert attribute(browser, "robust-result", "certified") == str(certified).lower()
+            shown = browser.find_element("id", "robust-result").text
+            assert shown.startswith("certified" if certified else "not certified") and f"{size} x {size} px" in shown
     assert rf > stride  # the boxes drawn are receptive fields, larger than the grid step
 
     # a confusion-matrix cell filters the gallery to its embedded images
