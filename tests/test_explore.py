@@ -172,7 +172,12 @@ def test_the_page_in_a_browser(pages, model_outputs, browser, tmp_path):
     record = payload["images"][0]
     other = next(c for c in record["classes"] if c != record["prediction"])
     set_control(browser, "class-select", other, "change")
-    assert browser.execute_script("return document.getElementById('overlay').toDataURL();") != before
+    selected = browser.execute_script("return document.getElementById('overlay').toDataURL();")
+    assert selected != before
+    set_control(browser, "blackout-fraction", 10, "input")
+    browser.find_element("id", "show-kept").click()  # grey out the removed locations
+    assert browser.execute_script("return document.getElementById('overlay').toDataURL();") != selected
+    browser.find_element("id", "show-kept").click()
 
     # the blackout slider recomputes what bagjax computes for the same kept set
     rf, stride = trained.model.receptive_field, trained.model.stride

@@ -99,8 +99,9 @@
     small.width = map.cols; small.height = map.rows;
     const ctx = small.getContext('2d');
     const pixels = ctx.createImageData(map.cols, map.rows);
+    const kept = map.native && rec.robust && state.map === 0 && $('show-kept').checked ? new Set(currentKept()) : null;
     for (let p = 0; p < map.values.length; p++) {
-      const [r, g, b] = colour(map.values[p], limit);
+      const [r, g, b] = kept && !kept.has(p) ? [128, 128, 128] : colour(map.values[p], limit);
       pixels.data.set([r, g, b, 255], 4 * p);
     }
     ctx.putImageData(pixels, 0, 0);
@@ -285,6 +286,7 @@
     const sorted = Array.from(means).sort((a, b) => b - a);
     return {cls: rec.classes[best], mean: means[best], margin: m > 1 ? sorted[0] - sorted[1] : Infinity};
   }
+  function currentKept() { return keptSet($('blackout-policy').value, $('blackout-fraction').value / 100); }
   function updateBlackout() {
     const rec = cur();
     if (!rec.robust) return;
@@ -292,7 +294,8 @@
     const x = $('blackout-fraction').value / 100;
     $('blackout-percent').textContent = Math.round(x * 100) + ' %';
     $('reshuffle').hidden = policy !== 'random';
-    const kept = keptSet(policy, x);
+    const kept = currentKept();
+    if ($('show-kept').checked) drawOverlay();
     const t = mapOf(state.img, 0);
     const n = t.shape[0] * t.shape[1];
     const r = keptPrediction(kept);
@@ -429,6 +432,7 @@
   $('blackout-policy').addEventListener('change', updateBlackout);
   $('blackout-fraction').addEventListener('input', updateBlackout);
   $('reshuffle').addEventListener('click', () => { state.seed += 1; updateBlackout(); });
+  $('show-kept').addEventListener('change', drawOverlay);
   $('patch-size').addEventListener('change', (e) => { state.patch = Number(e.target.value); updateRobust(); });
   $('show-all').addEventListener('click', () => { state.filter = null; fillGallery(); });
 
