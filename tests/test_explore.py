@@ -6,6 +6,7 @@ pytest-xdist the first worker trains it and the others wait for it (a file lock)
 """
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -273,3 +274,17 @@ def test_resnet_cams_and_anchornet_branches_open_in_the_browser(model, browser, 
     requests, errors = requests_and_errors(browser)
     assert errors == [] and {u for u in requests if not u.startswith("data:")} == {out.as_uri()}
     assert browser.execute_script("return document.getElementById('bagnet-panels').hidden;")
+
+
+def test_a_clipped_bagnet_embeds_its_clipped_evidence(pages, model_outputs, tmp_path):
+    """With config.robust.clip the image logits are the mean of phi(patch logits): the page must average phi."""
+    trained, payload, patch_logits, _ = model_outputs
+    config = trained.config.copy_and_resolve_references()
+    config.robust.clip = "cbn"
+    clipped = dataclasses.replace(trained, config=config)
+    examples = [explore.Example("a", pixels_of(payload["images"][0]))]
+    record = page_data(explore.explore(pages, examples=examples, trained=clipped, out=tmp_path / "c.html",
+                                       progress=False))["images"][0]
+    phi = np.tanh(0.05 * patch_logits[0] - 1.0)
+    assert np.abs(explore.decode_array(record["maps"][0]["values"]) - phi).max() <= record["maps"][0]["values"]["bound"]
+    assert record["prediction"] == int(np.argmax(phi.mean(axis=(0, 1))))
