@@ -300,9 +300,9 @@ def _record(trained: Trained, kind: str, example: Example, out: dict[str, Any], 
         record["robust"] = robustness(trained, out["raw"], height, width, patch_sizes(min(height, width)))
         if stride == 1:
             wanted = [int(c) for c in top[:3]]
+            image = np.asarray(data.normalize(example.pixels))
             maps = interpret.stride1_heatmap(trained.model, trained.variables,
-                                             np.repeat(np.asarray(data.normalize(example.pixels))[None], len(wanted), 0),
-                                             np.asarray(wanted))
+                                             np.repeat(image[None], len(wanted), 0), np.asarray(wanted))
             record["stride1"] = {str(c): encode_array(np.asarray(m)) for c, m in zip(wanted, maps)}
     if kind == "anchornet":
         from bagjax.models.anchornet import RECEPTIVE_FIELDS

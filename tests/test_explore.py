@@ -31,7 +31,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 @pytest.fixture(scope="session")
 def pages(tmp_path_factory, worker_id):
-    """A smoke-trained BagNet workdir with train.py's explore.html and the split page of ``python -m bagjax.explore``."""
+    """A smoke-trained BagNet workdir with train.py's explore.html and the split page of bagjax.explore."""
     root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     workdir = root / "explore-run"
     with filelock.FileLock(str(root / "explore-run.lock")):

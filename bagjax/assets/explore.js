@@ -45,14 +45,14 @@
     const rec = cur();
     if (state.stride1 && rec.stride1 && rec.stride1[String(state.cls)]) {
       const t = decode(rec.stride1[String(state.cls)]);
-      return {values: t.values, rows: t.shape[0], cols: t.shape[1], native: false};
+      return {values: t.values, rows: t.shape[0], cols: t.shape[1], native: false, bound: t.bound};
     }
     const t = mapOf(state.img, state.map);
     const [rows, cols, m] = t.shape;
     const col = classColumn(rec, state.cls);
     const values = new Float64Array(rows * cols);
     for (let p = 0; p < rows * cols; p++) values[p] = t.values[p * m + col];
-    return {values: values, rows: rows, cols: cols, native: true};
+    return {values: values, rows: rows, cols: cols, native: true, bound: t.bound};
   }
 
   function symmetricLimit(values, percentile) {  // interpret.symmetric_limit: numpy's linear percentile of |v|
@@ -118,7 +118,7 @@
     $('map-note').textContent = (map.native
       ? `${m.name}: ${map.rows} x ${map.cols} locations` + (m.rf ? `, each the logit of a ${m.rf} px patch, stride ${m.stride}` : '')
       : `exact stride-1 map: the logit of the ${m.rf} px patch centred on every pixel`) +
-      `; colours symmetric around 0 at the 99th percentile of |map|; float16, error at most ${m.values.bound.toExponential(1)}`;
+      `; colours symmetric around 0 at the 99th percentile of |map|; ` + (map.bound > 0 ? `float16, error at most ${map.bound.toExponential(1)}` : 'float32 (exact)');
   }
 
   function drawLegend() {
