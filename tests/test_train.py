@@ -88,7 +88,8 @@ def test_help_lists_the_configs_and_the_common_overrides(command):
     assert "--config.total_steps=N" in proc.stdout and "--config.optimizer.learning_rate=X" in proc.stdout
 
 
-@pytest.mark.parametrize("module", ["predict", "explore", "convert", "launch", "experiments.blackout", "experiments.lsp"])
+@pytest.mark.parametrize("module", ["predict", "explore", "convert", "launch", "experiments.blackout",
+                                    "experiments.lsp"])
 def test_every_argparse_command_has_a_working_help(module, capsys):
     main = importlib.import_module(f"bagjax.{module}").main
     with pytest.raises(SystemExit) as exit_info:
