@@ -5,6 +5,7 @@
   const names = D.classNames;
   const $ = (id) => document.getElementById(id);
   const DISPLAY = 384;  // displayed image width in CSS px
+  const MATRIX_CLASSES = 30;  // at most this many rows and columns in the confusion matrix
 
   // ---------------------------------------------------------------------------------------- decoding
   function halfToFloat(h) {  // IEEE 754 binary16 -> number
@@ -372,7 +373,12 @@
     $('per-class').innerHTML = '<tr><th class="name">class</th><th>images</th><th>accuracy</th></tr>' +
       conf.map((row, y) => [y, row.reduce((a, b) => a + b, 0), row[y]]).filter((r) => r[1] > 0)
         .map(([y, total, ok]) => `<tr><td class="name">${esc(names[y])}</td><td>${total}</td><td>${pct(ok / total)}</td></tr>`).join('');
-    const shown = conf.map((row, y) => y).filter((y) => conf[y].some((v) => v) || conf.some((row) => row[y]));
+    const errors = conf.map((row, y) => row.reduce((a, b) => a + b, 0) - row[y] + conf.reduce((a, r) => a + r[y], 0) - row[y]);
+    let shown = conf.map((row, y) => y).filter((y) => conf[y].some((v) => v) || conf.some((row) => row[y]));
+    if (shown.length > MATRIX_CLASSES) {  // a readable matrix: the classes with the most errors
+      shown = shown.sort((a, b) => errors[b] - errors[a] || a - b).slice(0, MATRIX_CLASSES).sort((a, b) => a - b);
+      $('matrix-note').textContent = `(the ${MATRIX_CLASSES} classes with the most errors)`;
+    }
     const max = Math.max(1, ...conf.flat());
     let html = '<tr><th></th>' + shown.map((c) => `<th title="${esc(names[c])}">${esc(names[c]).slice(0, 8)}</th>`).join('') + '</tr>';
     for (const y of shown) {
