@@ -337,7 +337,7 @@ def split_examples(trained: Trained, kind: str, split: str, max_examples: int, *
     the dataset view's figures (labels and predictions of every example, for accuracy and the confusion matrix)."""
     forward = jax.jit(lambda v, x: image_logits(trained, kind, v, data.normalize(x)))
     labels, predictions = [], []
-    worst: list[tuple[float, int, np.ndarray, int]] = []  # a min-heap on -(badness): the max_examples worst
+    worst: list[tuple[float, int, np.ndarray, int]] = []  # min-heap of (badness, -index, ...): keeps the worst
     bar = tqdm.tqdm(desc=f"evaluate {split}", unit="img", dynamic_ncols=True, disable=not progress)
     for batch in data.eval_batches(trained.config, split=split, process_index=0, process_count=1):
         logits = np.asarray(forward(trained.variables, jnp.asarray(batch["image"])))
@@ -366,6 +366,7 @@ def split_examples(trained: Trained, kind: str, split: str, max_examples: int, *
 # ----------------------------------------------------------------------------------------------- the page
 def page_data(trained: Trained, kind: str, records: list[dict[str, Any]], dataset: dict[str, Any] | None,
               stride: int) -> dict[str, Any]:
+    """What the page's script reads (``assets/explore.js``): the model, class names, colour map, images, dataset."""
     return {"model": trained.config.model, "kind": kind, "classNames": list(trained.class_names),
             "stride": stride, "colormap": colormap_lut(), "images": records, "dataset": dataset,
             "seed": 0}
