@@ -161,7 +161,8 @@ def attribute(browser, element_id: str, name: str) -> str:
 
 
 def test_the_page_in_a_browser(pages, model_outputs, browser, tmp_path):
-    trained, payload, patch_logits, _ = model_outputs
+    trained, payload, patch_logits, image_logits = model_outputs
+    logits_of = np.argmax(image_logits, axis=-1)
     page = pages / "split.html"
     open_page(browser, page)
     requests, errors = requests_and_errors(browser)
@@ -218,6 +219,13 @@ def test_the_page_in_a_browser(pages, model_outputs, browser, tmp_path):
             shown = browser.find_element("id", "robust-result").text
             assert shown.startswith("certified" if certified else "not certified") and f"{size} x {size} px" in shown
     assert rf > stride  # the boxes drawn are receptive fields, larger than the grid step
+
+    # with every patch kept, the page's prediction is bagjax's on every embedded image
+    set_control(browser, "blackout-policy", "top", "change")
+    set_control(browser, "blackout-fraction", 100, "input")
+    for k, record in enumerate(payload["images"]):
+        browser.find_element("css selector", f"#gallery-items button[data-index='{k}']").click()
+        assert int(attribute(browser, "blackout-result", "prediction")) == record["prediction"] == int(logits_of[k])
 
     # a confusion-matrix cell filters the gallery to its embedded images
     cell = browser.find_element("css selector", "#confusion td.cell[data-true][data-pred]:not(:empty)")
