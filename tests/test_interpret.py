@@ -10,6 +10,7 @@ from PIL import Image
 
 import figutil
 from bagjax import interpret
+from bagjax.errors import UserError
 from bagjax.data import synthetic
 from bagjax.data.preprocess import normalize
 from bagjax.models import create_model
@@ -116,14 +117,14 @@ def test_maps_refuse_wrong_models_and_classes():
     learned = create_model("resnet50", num_classes=4, width=8, stage_sizes=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="head='identity'"):
         interpret.class_activation_map(learned, {}, images, 0)
-    with pytest.raises(TypeError, match="not a BagNet"):
+    with pytest.raises(UserError, match="not a BagNet"):
         interpret.stride1_heatmap(learned, {}, images, 0)
     bagnet, variables = _bagnet("bagnet9", "learned")
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         interpret.class_evidence(bagnet, variables, images, [0, 5])
     with pytest.raises(ValueError, match="one per image"):
         interpret.stride1_heatmap(bagnet, variables, images, [0, 1, 2])
-    with pytest.raises(TypeError, match="integers"):
+    with pytest.raises(UserError, match="integers"):
         interpret.stride1_heatmap(bagnet, variables, images, 1.5)
 
 
