@@ -15,15 +15,11 @@ cli.catch_interrupts()  # a SIGTERM/SIGINT while JAX imports says what happened,
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from bagjax.training.checkpoints import DiskFullError, kept_checkpoints  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :ARG (e.g. :smoke).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json, metrics and figures.")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_config_flags(FLAGS, "Directory for checkpoints, config.json, metrics and figures.")
 
 
 def main(argv):

@@ -252,6 +252,17 @@ def unknown_override(config, argv: Sequence[str]) -> str | None:
     return None
 
 
+def define_config_flags(flag_values, workdir_help: str) -> None:
+    """The flags of the config-driven commands (train.py, heads): a locked ``--config`` file and ``--workdir``."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :ARG (e.g. :smoke).",
+                                    flag_values=flag_values, lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help, flag_values=flag_values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
 def parse_config_flags(flag_values, argv: Sequence[str],
                        example: str = "--config.data.flip=False, not --config.data.flip False") -> None:
     """Parse absl flags that include a ``--config`` file (train.py, heads): a bad flag, a config file that does

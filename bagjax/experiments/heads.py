@@ -162,18 +162,17 @@ def write_report(rows: Sequence[dict[str, Any]], out: str | pathlib.Path, title:
     return markdown
 
 
-def _define_flags():
+def define_flags(flag_values=None):
+    """This command's absl flags, on ``flag_values`` (absl's global ``FLAGS`` by default); returns them."""
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :ARG (e.g. :smoke).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory that holds one training run per head and seed.")
-    flags.DEFINE_string("out", None, "Where heads.md/.csv/.png go (default: the workdir).")
-    flags.DEFINE_integer("seeds", 1, "Seeds per head: config.seed, config.seed + 1, ...")
-    flags.DEFINE_list("heads", list(HEADS), f"Comma-separated heads among {', '.join(HEADS)}.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    return flags.FLAGS
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    cli.define_config_flags(flag_values, "Directory that holds one training run per head and seed.")
+    flags.DEFINE_string("out", None, "Where heads.md/.csv/.png go (default: the workdir).", flag_values=flag_values)
+    flags.DEFINE_integer("seeds", 1, "Seeds per head: config.seed, config.seed + 1, ...", flag_values=flag_values)
+    flags.DEFINE_list("heads", list(HEADS), f"Comma-separated heads among {', '.join(HEADS)}.",
+                      flag_values=flag_values)
+    return flag_values
 
 
 def main(argv: Sequence[str]) -> None:
@@ -208,7 +207,7 @@ def run() -> None:
                              ("--out=DIR", "where heads.md/.csv/.png go (default: the workdir)"))))
         return
     cli.catch_interrupts()
-    flags_ = _define_flags()
+    flags_ = define_flags()
     with cli.user_errors():
         cli.parse_config_flags(flags_, sys.argv, "--heads=learned,identity, not --heads learned identity")
         app.run(main, argv=[sys.argv[0]])
