@@ -226,6 +226,20 @@ def unknown_config_key(config, reference, prefix: str = "") -> str | None:
     return None
 
 
+def _loaded_config(flag_values, argv: Sequence[str]):
+    """The ``--config`` file's ConfigDict; loaded again by the flag's own parser when the locked config refused an
+    override (parsing then stops before the flag has a value). None when the file itself does not load."""
+    if "config" not in flag_values:
+        return None
+    flag = flag_values["config"]
+    if flag.value is not None:
+        return flag.value
+    try:
+        return flag.parser.parse(_config_path(argv))
+    except Exception:  # pylint: disable=broad-except  # the file does not load: flag_error reports the first error
+        return None
+
+
 def unknown_override(config, argv: Sequence[str]) -> str | None:
     """One line for the first ``--config.KEY=VALUE`` whose key the loaded config lacks.
 
@@ -273,7 +287,7 @@ def parse_config_flags(flag_values, argv: Sequence[str],
         rest = flag_values(argv)
         flag_values.config.to_dict()  # a config file that failed to load raises here, not in the middle of a run
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
-        typo = unknown_override(flag_values["config"].value, argv) if "config" in flag_values else None
+        typo = unknown_override(_loaded_config(flag_values, argv), argv)
         sys.exit(f"error: {typo or flag_error(e, argv)}")
     if len(rest) > 1:  # absl leaves positional words over, e.g. from `--config.data.flip False`
         sys.exit(f"error: {unexpected_arguments(rest[1:], example)}")

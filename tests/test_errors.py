@@ -1,9 +1,12 @@
 """Errors: a user's mistake is one line, a bug keeps its traceback (``cli.user_errors``, used by every command)."""
 
 import errno
+import sys
 import textwrap
 
 import pytest
+
+from absl import flags
 
 from bagjax import cli
 from bagjax.data import DatasetUnavailableError
@@ -11,7 +14,7 @@ from bagjax.errors import PathNotFoundError, UserError
 from bagjax.training.checkpoints import ConfigChangedError, DiskFullError
 from bagjax.training.lock import WorkdirLockedError
 from bagjax.training.loop import NonFiniteLossError
-from trainutil import run_train
+from trainutil import ROOT, run_train
 
 # A config that plants a shape bug in the demo BagNet: a wrong reshape folds the classes into the patch axis, and
 # jax raises a ValueError (which the old error layer printed as one line, hiding where the bug was).
@@ -92,3 +95,18 @@ def test_train_py_shows_a_planted_model_bug_with_its_traceback_and_a_user_mistak
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: image_size=8") and "--config.image_size=" in lines[0]
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("--config.batch_sise=8", ("--config.batch_sise=8", "'batch_sise'", "did you mean 'batch_size'")),
+    ("--config.optimizer.learning_rat=0.1", ("'optimizer.learning_rat'", "did you mean 'optimizer.learning_rate'")),
+    ("--config.data.zzz=1", ("'data.zzz'", "the config file lists the keys"))])
+def test_a_misspelt_config_key_is_named_from_the_locked_configs_own_keys(override, fragments, monkeypatch):
+    flag_values = flags.FlagValues()
+    cli.define_config_flags(flag_values, "workdir")
+    argv = ["train.py", f"--config={ROOT / 'configs' / 'demo.py'}:smoke", "--workdir=w", override]
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the overrides from sys.argv
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_config_flags(flag_values, argv)
+    line = str(exit_info.value.code)
+    assert line.startswith("error: ") and "\n" not in line and all(f in line for f in fragments), line
