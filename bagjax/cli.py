@@ -260,7 +260,8 @@ def unknown_override(config, argv: Sequence[str]) -> str | None:
                 break
             if key not in node:
                 close = difflib.get_close_matches(key, list(node.keys()), n=1)
-                hint = f"; did you mean {'.'.join([*path, close[0]])!r}?" if close else "; the config file lists the keys"
+                hint = (f"; did you mean {'.'.join([*path, close[0]])!r}?" if close
+                        else "; the config file lists the keys")
                 return f"{arg}: no such config key {'.'.join([*path, key])!r}{hint}"
             node, path = node[key], [*path, key]
     return None

@@ -116,7 +116,8 @@ def test_every_command_in_the_docs_parses_its_flags(monkeypatch):
             else:
                 heads.define_flags(flag_values)
             args = argv[1:] if argv[0] == "train.py" else argv[2:]
-            args = [str(ROOT / a) if a.startswith("configs/") else re.sub(r"^--config=configs/", f"--config={ROOT}/configs/", a) for a in args]
+            args = [str(ROOT / a) if a.startswith("configs/") else
+                    re.sub(r"^--config=configs/", f"--config={ROOT}/configs/", a) for a in args]
             monkeypatch.setattr(sys, "argv", ["cmd", *args])  # ml_collections reads the overrides from sys.argv
             try:
                 cli.parse_config_flags(flag_values, sys.argv)

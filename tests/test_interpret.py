@@ -190,10 +190,10 @@ def test_train_py_heatmap_figure_shows_the_per_pixel_evidence_of_the_predicted_c
 
 
 def test_the_committed_readme_demo_figure_shows_evidence_on_the_planted_motifs():
-    """The committed docs/demo_heatmaps.png (the demo command's heatmaps.png: a trained BagNet-17, the first 8 validation images
-    of the synthetic set at 48 px): its strong evidence, red or blue, is on every image at least 3 times denser on
-    the planted motif boxes (grown by 4 px, a quarter of the receptive field) than elsewhere, and 80 % of it lies
-    there on average."""
+    """The committed docs/demo_heatmaps.png (the demo command's heatmaps.png: a trained BagNet-17, the first 8
+    validation images of the synthetic set at 48 px): its strong evidence, red or blue, is on every image at least 3
+    times denser on the planted motif boxes (grown by 4 px, a quarter of the receptive field) than elsewhere, and
+    80 % of it lies there on average."""
     pixels = figutil.read_figure(ROOT / "docs" / "demo_heatmaps.png", (600, 2400))
     variant, inside = synthetic.get_variant("default"), []
     for row in range(8):
