@@ -22,6 +22,7 @@ CASES = [  # (script, arguments, what the line must say); {file} and {workdir} a
     ("depthwise.py", ["--batch", "0"], "--batch must be at least 1, got 0"),
     ("depthwise.py", ["--image-size", "64"], "--image-size must be at least 111, got 64"),
     ("heatmap.py", ["--patches", "0"], "--patches must be at least 1, got 0"),
+    ("explore_size.py", ["--max-classes", "2"], "--max-classes must be at least 5, got 2"),
     ("input_pipeline.py", ["--workers", "0"], "--workers must be at least 1, got 0"),
     ("input_pipeline.py", ["--dtype", "f16"], "invalid choice: 'f16'"),
     ("export.py", ["--size", "20"], "--size must be at least 33, got 20"),

@@ -21,7 +21,8 @@ def test_wheel_holds_every_module_and_imports_outside_the_checkout(tmp_path):
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("bagjax-*.whl")
-    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "bagjax").rglob("*.py"))
+    shipped = [*(ROOT / "bagjax").rglob("*.py"), *(ROOT / "bagjax" / "assets").iterdir()]  # + explore's page
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in shipped)
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()

@@ -106,6 +106,6 @@ def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(trained, tmp_pa
 def test_running_the_interpret_library_points_to_predict():
     proc = subprocess.run([sys.executable, "-m", "bagjax.interpret", "--workdir", "run", "photo.jpg"], cwd=ROOT,
                           env=train_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        "error: bagjax.interpret is the heatmap library (see its docstring); for the heatmaps of image files run "
-        "python -m bagjax.predict --workdir WORKDIR IMAGE|FOLDER [--stride1]"], proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "python -m bagjax.predict --workdir WORKDIR IMAGE|FOLDER" in lines[0]

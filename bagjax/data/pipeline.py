@@ -31,6 +31,7 @@ from absl import flags
 
 from bagjax.data import preprocess
 from bagjax.data import sources
+from bagjax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def resolve_processes(
 def per_process(global_batch: int, process_count: int, what: str) -> int:
     """The per-process share of a global batch; it must divide evenly."""
     if global_batch <= 0 or global_batch % process_count:
-        raise ValueError(
+        raise UserError(
             f'{what}={global_batch} must be a positive multiple of the process count '
             f'{process_count}'
         )
@@ -96,7 +97,7 @@ def num_workers(config) -> int:
     """config.data.workers, with -1 meaning one worker process per core."""
     workers = int(config.data.get('workers', -1))
     if workers < -1:
-        raise ValueError(f'data.workers={workers}: use -1 (one per core), 0 (in-process) or a count')
+        raise UserError(f'data.workers={workers}: use -1 (one per core), 0 (in-process) or a count')
     return (os.cpu_count() or 1) if workers == -1 else workers
 
 
@@ -168,7 +169,7 @@ def train_dataset(
     seed, split = int(config.seed), config.data.train_split
     records = source.records(split)
     if len(records) == 0:
-        raise ValueError(f'dataset {config.dataset!r}: train split {split!r} has no examples')
+        raise UserError(f'dataset {config.dataset!r}: train split {split!r} has no examples')
     augment = _Augment(
         size=int(config.image_size),
         scale=_train_scale(source, config),
@@ -259,7 +260,7 @@ def iterate(dataset: grain.MapDataset, workers: int) -> Iterator[Batch]:
     if workers > 0:
         line = unguarded_main_line()
         if line is not None:
-            raise RuntimeError(
+            raise UserError(
                 f'{sys.modules["__main__"].__file__}:{line} asks for batches from {workers} worker processes '
                 "at the script's top level, which every worker would rerun: put that code under "
                 "`if __name__ == '__main__':`, or set config.data.workers = 0"

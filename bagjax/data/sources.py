@@ -31,6 +31,7 @@ from PIL import Image
 from bagjax.data import preprocess
 from bagjax.data import splits
 from bagjax.data import synthetic
+from bagjax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 _DOWNLOAD_RETRIES = 4
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserError, RuntimeError):
     """A tfds dataset cannot be found or prepared (typically: offline), or is not in ArrayRecord."""
 
 
@@ -144,7 +145,7 @@ def _get_source(options: SourceOptions):
         return ImageFolderSource(rest, options)
     if kind == 'tfds' and rest:
         return TfdsSource(rest, options)
-    raise ValueError(
+    raise UserError(
         f"unknown dataset spec '{options.spec}': use 'tfds:NAME[/CONFIG]', "
         "'imagefolder:PATH' (PATH/<split>/<label>/*.jpg|png) or 'synthetic[:VARIANT]'"
     )
@@ -198,7 +199,7 @@ def _list_dirs(path: str, root: str) -> list[str]:
             if entry.is_dir():
                 names.append(entry.name)
         except OSError as e:
-            raise ValueError(
+            raise UserError(
                 f"imagefolder '{root}': cannot read '{os.path.relpath(entry.path, root)}' "
                 f'({e.strerror}, e.g. a symlink loop): remove or fix it'
             ) from None
@@ -236,14 +237,14 @@ class ImageFolderSource:
     def __init__(self, root: str, options: SourceOptions):
         self.root = os.path.abspath(os.path.expanduser(root))
         if not os.path.isdir(self.root):
-            raise ValueError(
+            raise UserError(
                 f"imagefolder path '{self.root}' is not a directory: expected PATH/<split>/<label>/*.jpg"
             )
         self._splits = _list_dirs(self.root, self.root)
         self._train_name = splits.parse_split(options.train_split).name
         self.class_names = tuple(self._labels_of(self._train_name))
         if len(self.class_names) < 2:
-            raise ValueError(
+            raise UserError(
                 f"imagefolder '{self.root}': train split '{self._train_name}' has "
                 f'{len(self.class_names)} label directory(ies) {list(self.class_names)}; a classifier '
                 'needs at least 2 classes: add PATH/<split>/<label>/ folders'
@@ -260,7 +261,7 @@ class ImageFolderSource:
 
     def _labels_of(self, split_name: str) -> list[str]:
         if split_name not in self._splits:
-            raise ValueError(
+            raise UserError(
                 f"imagefolder '{self.root}' has no split directory '{split_name}': found {self._splits}"
             )
         return _list_dirs(os.path.join(self.root, split_name), self.root)
@@ -272,7 +273,7 @@ class ImageFolderSource:
         if tuple(labels) != self.class_names:
             missing = sorted(set(self.class_names) - set(labels))
             extra = sorted(set(labels) - set(self.class_names))
-            raise ValueError(
+            raise UserError(
                 f"imagefolder '{self.root}': split '{split_name}' label dirs differ from train split "
                 f"'{self._train_name}' (missing {missing}, extra {extra}); the class mapping is the "
                 'sorted label dirs of the train split, so give every split the same label dirs'
@@ -294,7 +295,7 @@ class ImageFolderSource:
                 f'{"/".join(IMAGE_EXTENSIONS)} files'
             )
             if split_name == self._train_name:
-                raise ValueError(f'{message}: add images or remove the empty dirs')
+                raise UserError(f'{message}: add images or remove the empty dirs')
             logger.warning('%s: those classes are not evaluated', message)
         random.Random(split_name).shuffle(examples)
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
@@ -490,7 +491,7 @@ class TfdsSource:
         self._image_key, self._label_key = keys if keys else ('image', 'label')
         features = builder.info.features
         if self._image_key not in features or self._label_key not in features:
-            raise ValueError(
+            raise UserError(
                 f"tfds dataset {name!r} has no ('image', 'label') features: found {list(features)}"
             )
         self.class_names = tuple(features[self._label_key].names)
@@ -510,7 +511,7 @@ class TfdsSource:
                 file_format='array_record',
             )
         except (KeyError, ValueError):
-            raise ValueError(
+            raise UserError(
                 f'tfds dataset {self.name!r} has no split {split!r}: '
                 f'available {list(self._builder.info.splits)}'
             ) from None

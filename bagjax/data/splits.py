@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from bagjax.errors import UserError
+
 _SPLIT_RE = re.compile(r'^\s*([\w\-.]+)\s*(?:\[\s*([^:\]]*)\s*:\s*([^\]]*)\s*\])?\s*$')
 
 
@@ -37,7 +39,7 @@ def _boundary(text: str, n: int, *, default: int, spec: Split) -> int:
         else:
             value = int(text)
     except ValueError:
-        raise ValueError(
+        raise UserError(
             f"bad split slice '{text}' in '{spec}': use NAME[a:b] with ints or percents"
         ) from None
     if value < 0:
@@ -49,7 +51,7 @@ def parse_split(text: str) -> Split:
     """Parses 'train', 'train[:70%]', 'validation[10:20]'."""
     match = _SPLIT_RE.match(text)
     if match is None:
-        raise ValueError(
+        raise UserError(
             f"bad split '{text}': use NAME or NAME[a:b] (e.g. 'train[:70%]', 'val[10:]')"
         )
     name, start, end = match.group(1), match.group(2) or '', match.group(3) or ''

@@ -27,6 +27,7 @@ from bagjax.blackout import (COMPUTE_KEEPS, COMPUTE_MODELS, MODES, PAPER_DROPS, 
                              compute_table, make_schemes, run_blackout)
 from bagjax.models import receptive_field  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
+from bagjax.errors import UserError  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -154,19 +155,19 @@ def check_args(args: argparse.Namespace) -> list:
     """Every argument checked before anything is loaded or computed; returns the blackout schemes."""
     schemes = make_schemes(args.seeds, args.keeps) if args.workdir else []
     if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
+        raise UserError(f"--max-examples must be at least 1, got {args.max_examples}")
     if args.compute_table:
         if not args.compute_keeps:
-            raise ValueError("give at least one --compute-keeps fraction in [0, 1], e.g. --compute-keeps 0,0.25,1")
+            raise UserError("give at least one --compute-keeps fraction in [0, 1], e.g. --compute-keeps 0,0.25,1")
         bad = [k for k in args.compute_keeps if not 0.0 <= k <= 1.0]
         if bad:
-            raise ValueError(f"--compute-keeps must lie in [0, 1], got {bad}")
+            raise UserError(f"--compute-keeps must lie in [0, 1], got {bad}")
         if args.compute_batch < 1:
-            raise ValueError(f"--compute-batch must be at least 1 image, got {args.compute_batch}")
+            raise UserError(f"--compute-batch must be at least 1 image, got {args.compute_batch}")
         rf = max(receptive_field(name)[0] for name in COMPUTE_MODELS)
         if args.compute_image_size < rf:
-            raise ValueError(f"--compute-image-size must be at least {rf} px (BagNet-33's receptive field), got "
-                             f"{args.compute_image_size}")
+            raise UserError(f"--compute-image-size must be at least {rf} px (BagNet-33's receptive field), got "
+                            f"{args.compute_image_size}")
     return schemes
 
 

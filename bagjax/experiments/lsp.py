@@ -55,6 +55,7 @@ from bagjax.downstream import FIGURE_IMAGES, PATCH_INPUTS, SETTINGS, run_lsp  # 
 from bagjax.experiments import report  # noqa: E402
 from bagjax.models.anchornet import RECEPTIVE_FIELDS  # noqa: E402
 from bagjax.workdir import load_trained  # noqa: E402
+from bagjax.errors import UserError  # noqa: E402
 
 BRANCH_COLORS = {63: "#e41a1c", 95: "#377eb8", 111: "#4daf4a"}  # boxes in lsp_patches.png
 
@@ -228,7 +229,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.figure_images < 0:
-        raise ValueError(f"--figure-images must be 0 (no figures) or more, got {args.figure_images}")
+        raise UserError(f"--figure-images must be 0 (no figures) or more, got {args.figure_images}")
     out = cli.check_output_dir(args.out or pathlib.Path(args.workdir) / "lsp")
     anchornet, classifier = load_trained(args.workdir), load_trained(args.downstream)
     cli.check_workdir_dataset(anchornet.config, args.workdir)
@@ -254,4 +255,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    cli.run_main(main, errors=(ValueError,))
+    cli.run_main(main)

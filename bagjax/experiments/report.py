@@ -10,6 +10,8 @@ import csv
 import pathlib
 from typing import Any, Iterable, Sequence
 
+from bagjax.errors import UserError
+
 import numpy as np
 
 
@@ -37,7 +39,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 def write_csv(path: str | pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
     """Rows of dicts with the same keys as one CSV file with a header line."""
     if not rows:
-        raise ValueError(f"nothing to write to {path}: the experiment produced no rows")
+        raise UserError(f"nothing to write to {path}: the experiment produced no rows")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

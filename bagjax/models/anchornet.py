@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from bagjax.models.layers import BN_MOMENTUM, SE_SIZES, Bneck, ConvBN
+from bagjax.errors import UserError
 
 RECEPTIVE_FIELDS = (63, 95, 111)
 STRIDE = 8
@@ -180,12 +181,12 @@ class AnchorNet(nn.Module):
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown AnchorNet pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+            raise UserError(f"unknown AnchorNet pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
         if self.se_size not in SE_SIZES:
-            raise ValueError(f"unknown AnchorNet se_size {self.se_size!r}: choose one of {', '.join(SE_SIZES)}")
+            raise UserError(f"unknown AnchorNet se_size {self.se_size!r}: choose one of {', '.join(SE_SIZES)}")
         if not 0.0 <= self.bn_momentum < 1.0:
-            raise ValueError(f"AnchorNet bn_momentum must be in [0, 1) (Flax convention: the weight of the old "
-                             f"running average); got {self.bn_momentum}")
+            raise UserError(f"AnchorNet bn_momentum must be in [0, 1) (Flax convention: the weight of the old "
+                            f"running average); got {self.bn_momentum}")
         super().__post_init__()
 
     @property
@@ -200,8 +201,8 @@ class AnchorNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, dict[int, jax.Array]]:
         if x.ndim != 4 or x.shape[1] < MIN_INPUT or x.shape[2] < MIN_INPUT:  # each side (symbolic sizes too)
-            raise ValueError(f"AnchorNet needs NHWC images of at least {MIN_INPUT}x{MIN_INPUT} px "
-                             f"(its largest receptive field); got shape {tuple(x.shape)}")
+            raise UserError(f"AnchorNet needs NHWC images of at least {MIN_INPUT}x{MIN_INPUT} px "
+                            f"(its largest receptive field); got shape {tuple(x.shape)}")
         h = ConvBN(STEM_FEATURES, 3, 2, activation="HS", bn_momentum=self.bn_momentum, dtype=self.dtype,
                    name="stem")(x.astype(self.dtype), train)
         for i, spec in enumerate(HEAD):
@@ -221,8 +222,8 @@ def anchornet(*, num_classes: int, head: str = "learned", dtype: Any = jnp.float
     ``bn_momentum`` (Flax convention; default 0.99 as torchvision's MobileNetV3, 0.9 for short runs) and
     ``se_size`` ('output', 'input' or 'expansion'; see the module docstring)."""
     if head != "learned":
-        raise ValueError(f"AnchorNet only supports head='learned' (its classifier is the per-branch linear "
-                         f"1x1 conv of Table 2); got head={head!r}")
+        raise UserError(f"AnchorNet only supports head='learned' (its classifier is the per-branch linear "
+                        f"1x1 conv of Table 2); got head={head!r}")
     return AnchorNet(num_classes=num_classes, dtype=jnp.dtype(dtype), **kw)
 
 

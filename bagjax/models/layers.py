@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from bagjax.models.initializers import he_normal_fan_out
+from bagjax.errors import UserError
 
 BN_MOMENTUM = 0.99  # PyTorch momentum 0.01 (torchvision MobileNetV3); Flax momentum is 1 - PyTorch momentum.
 BN_EPSILON = 1e-3
@@ -197,7 +198,7 @@ def se_squeeze(se_size: str, cin: int, expansion: int, out: int) -> int:
         return cin // 4
     if se_size == "output":
         return out // 4
-    raise ValueError(f"unknown se_size {se_size!r}: choose one of {', '.join(SE_SIZES)}")
+    raise UserError(f"unknown se_size {se_size!r}: choose one of {', '.join(SE_SIZES)}")
 
 
 class Bneck(nn.Module):

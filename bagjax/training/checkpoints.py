@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from bagjax.training.state import TrainState
+from bagjax.errors import PathNotFoundError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -40,11 +41,11 @@ class _Damaged(Exception):
     """A step whose metadata does not describe this run's state although the config did not change."""
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(UserError):
     """The checkpoints were written by a config whose state has other shapes."""
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """Not enough free space for the next checkpoint; nothing was written."""
 
 
@@ -194,7 +195,7 @@ class Checkpoints:
             if step is None:
                 step = self.manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}: train first (python train.py ...)")
+            raise PathNotFoundError(f"no checkpoint in {self.directory}: train first (python train.py ...)")
         # Onto this process's first device, whatever mesh the checkpoint was saved from (4 GPUs, 2 hosts, ...).
         metadata = self.manager.item_metadata(step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -217,9 +218,9 @@ def read_variables(workdir: str | pathlib.Path, step: int | None = None) -> dict
         except FileNotFoundError:
             raise
         except Exception as e:  # orbax raises many types for damaged files
-            raise ValueError(f"the checkpoint in {ckpt.directory} is unreadable ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:200]}): resume training on the workdir with train.py, "
-                             "which sets damaged steps aside") from None
+            raise UserError(f"the checkpoint in {ckpt.directory} is unreadable ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}): resume training on the workdir with train.py, "
+                            "which sets damaged steps aside") from None
         finally:
             ckpt.close()
 
@@ -244,12 +245,12 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (its ``config.json``)."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a bagjax training workdir")
+        raise PathNotFoundError(f"{path} not found: {workdir} is not a bagjax training workdir")
     try:
         return ml_collections.ConfigDict(json.loads(path.read_text()))
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): restore it, or rerun train.py with the same config "
-                         "on the workdir, which writes it again") from None
+        raise UserError(f"{path} is not valid JSON ({e}): restore it, or rerun train.py with the same config "
+                        "on the workdir, which writes it again") from None
 
 
 def write_dataset_info(workdir: str | pathlib.Path, class_names: tuple[str, ...], num_train: int,
@@ -266,11 +267,11 @@ def read_dataset_info(workdir: str | pathlib.Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: rerun train.py with the same config on {workdir}, "
+        raise PathNotFoundError(f"{path} is missing: rerun train.py with the same config on {workdir}, "
                                 "which writes it again") from None
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): rerun train.py with the same config on {workdir}, "
-                         "which writes it again") from None
+        raise UserError(f"{path} is not valid JSON ({e}): rerun train.py with the same config on {workdir}, "
+                        "which writes it again") from None
 
 
 def finished_steps(workdir: str | pathlib.Path) -> list[int]:

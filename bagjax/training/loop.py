@@ -33,9 +33,10 @@ from bagjax.training.checkpoints import write_dataset_info
 from bagjax.training.lock import lock_workdir
 from bagjax.training.metrics import MetricWriter
 from bagjax.training.state import TrainState
+from bagjax.errors import PathNotFoundError, PathNotWritableError, UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss or the gradients stopped being finite."""
 
 
@@ -131,19 +132,19 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
     n = jax.device_count()
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % n:
-            raise ValueError(f"{key}={config[key]} is not divisible by the {n} devices: "
-                             f"use a multiple of {n}, e.g. --config.{key}={max(n, config[key] // n * n)}")
+            raise UserError(f"{key}={config[key]} is not divisible by the {n} devices: "
+                            f"use a multiple of {n}, e.g. --config.{key}={max(n, config[key] // n * n)}")
     model = build_model(config, num_classes)
     rf = getattr(model, "receptive_field", None)
     if rf is not None and config.image_size < rf:
-        raise ValueError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
-                         f"use --config.image_size={rf} or larger")
+        raise UserError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
+                        f"use --config.image_size={rf} or larger")
     features = getattr(model, "num_features", None)
     if config.head == "identity" and features is not None and num_classes > features:
-        raise ValueError(f"the identity head needs num_classes <= {features} feature channels, got {num_classes}: "
-                         "use --config.head=learned or --config.model_kwargs.identity_expand=True")
+        raise UserError(f"the identity head needs num_classes <= {features} feature channels, got {num_classes}: "
+                        "use --config.head=learned or --config.model_kwargs.identity_expand=True")
     if config.init_from and not pathlib.Path(config.init_from).exists():
-        raise FileNotFoundError(f"init_from {config.init_from} does not exist: convert the official weights with "
+        raise PathNotFoundError(f"init_from {config.init_from} does not exist: convert the official weights with "
                                 f"python -m bagjax.convert --model {config.model} --torch-weights FILE --out "
                                 f"{config.init_from}, or train from scratch with --config.init_from=''")
     from bagjax.convert import check_pretrained, reduced_precision_warning
@@ -157,7 +158,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}): choose another --workdir") from None
+        raise PathNotWritableError(f"workdir {workdir} is not writable ({e.strerror}): "
+                                   "choose another --workdir") from None
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -179,7 +181,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
                or "JOBSET_NAME" in env or "JOB_COMPLETION_INDEX" in env
                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
     if dist.initialize not in ("auto", "always", "never"):
-        raise ValueError(f"distributed.initialize={dist.initialize!r}: use auto, always or never")
+        raise UserError(f"distributed.initialize={dist.initialize!r}: use auto, always or never")
     if dist.initialize == "never" or (dist.initialize == "auto" and not (address or cluster)):
         return
     if jax.distributed.is_initialized():
@@ -226,9 +228,9 @@ def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[
         if "head" in keys:
             kept.append(name)
             return new
-        raise ValueError(f"init_from does not fit the model at {name} "
-                         f"({'missing' if node is None else np.shape(node)} vs {tuple(new.shape)}): "
-                         "use weights of the same --config.model")
+        raise UserError(f"init_from does not fit the model at {name} "
+                        f"({'missing' if node is None else np.shape(node)} vs {tuple(new.shape)}): "
+                        "use weights of the same --config.model")
 
     return jax.tree_util.tree_map_with_path(pick, init), kept
 
@@ -291,8 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checks.check_splits(config, info.num_train, info.num_eval)
     num_classes = info.num_classes if config.num_classes <= 0 else config.num_classes
     if num_classes < info.num_classes:
-        raise ValueError(f"num_classes={num_classes} but the dataset has {info.num_classes} classes: "
-                         f"use --config.num_classes={info.num_classes} (or -1 to take it from the data)")
+        raise UserError(f"num_classes={num_classes} but the dataset has {info.num_classes} classes: "
+                        f"use --config.num_classes={info.num_classes} (or -1 to take it from the data)")
     check_config(config, workdir, num_classes)
     lock = lock_workdir(workdir, is_main=jax.process_index() == 0, process_count=jax.process_count())
     try:
@@ -462,8 +464,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
 
 
 def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names) -> None:
-    """A figure of a few eval images beside the exact stride-1 evidence map of their predicted class (heatmaps.png)."""
-    from bagjax import interpret
+    """A figure of a few eval images beside the exact stride-1 evidence map of their predicted class (heatmaps.png),
+    and the evidence explorer page of the same images (explore.html, ``bagjax.explore``)."""
+    from bagjax import explore, interpret
+    from bagjax.workdir import Trained
 
     batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
     pixels = batch["image"][: config.heatmap_images]
@@ -473,3 +477,6 @@ def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names
     titles = [f"true {class_names[t]} / pred {class_names[p]}" for t, p in zip(batch["label"], predicted)]
     interpret.save_heatmap_figure(workdir / "heatmaps.png", pixels, maps, titles)
     print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
+    examples = [explore.Example(f"eval #{i}", p, int(t)) for i, (p, t) in enumerate(zip(pixels, batch["label"]))]
+    trained = Trained(config, model, variables, tuple(class_names))
+    print(f"wrote {explore.explore(workdir, examples=examples, trained=trained, progress=False)}", flush=True)
