@@ -261,9 +261,10 @@ class ImageFolderSource:
     warning in other splits): it would be a class nothing can teach.
 
     A slice in percents, 'train[:80%]' / 'train[80%:]', is a stable hash split
-    (splits.stable_position of LABEL/FILE): adding or removing files never
-    moves another file across it. A slice in counts ('train[:100]') takes
-    positions of the shuffled list, as TFDS does.
+    (splits.stable_position of a file's path inside its label dir): adding or
+    removing files never moves another file across it, and neither does
+    renaming a label dir. A slice in counts ('train[:100]') takes positions of
+    the shuffled list, as TFDS does.
     """
 
     eval_center_crop = True
@@ -347,7 +348,7 @@ class ImageFolderSource:
         percents = splits.percent_bounds(spec)
         if percents is not None:
             lo, hi = percents
-            return tuple(e for e in files if lo <= splits.stable_position(e.path) < hi)
+            return tuple(e for e in files if lo <= splits.stable_position(e.path.partition('/')[2]) < hi)
         lo, hi = spec.bounds(len(files))
         return files[lo:hi]
 
