@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import socket
 from typing import Iterator
 
 _in_progress: set[pathlib.Path] = set()
@@ -19,10 +20,11 @@ _in_progress: set[pathlib.Path] = set()
 def replacing(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
     """A temporary path to write ``path``'s new content to; renamed to ``path`` on success, removed on failure.
 
-    The temporary name keeps the suffix, so writers that infer the format from it (matplotlib) still work.
+    The temporary name keeps the suffix, so writers that infer the format from it (matplotlib) still work, and
+    names the host and process, so writers on hosts that share a directory never collide.
     """
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp-{socket.gethostname()}-{os.getpid()}{path.suffix}")
     _in_progress.add(tmp)
     try:
         yield tmp
