@@ -115,7 +115,7 @@ class SourceOptions:
     synthetic_eval_size: int
     synthetic_image_size: int
     cache_dir: str = ''  # Where image-folder indexes are cached ('' = folder_index.default_cache_dir()).
-    scan_workers: int = 1  # Threads of an image-folder scan.
+    scan_workers: int = 1  # Processes of an image-folder scan.
 
     @classmethod
     def from_config(cls, config) -> SourceOptions:
@@ -342,6 +342,7 @@ class ImageFolderSource:
         self._skipped[split_name] = len(bad)
         return self._files[split_name]
 
+    @functools.lru_cache(maxsize=8)
     def _entries(self, split: str) -> tuple[folder_index.Entry, ...]:
         spec = splits.parse_split(split)
         files = self._readable(spec.name)
@@ -355,9 +356,9 @@ class ImageFolderSource:
     def num_examples(self, split: str) -> int:
         return len(self._entries(split))
 
+    @functools.lru_cache(maxsize=8)
     def records(self, split: str) -> FileRecords:
-        spec = splits.parse_split(split)
-        directory = os.path.join(self.root, spec.name)
+        directory = os.path.join(self.root, splits.parse_split(split).name)
         return FileRecords(tuple((os.path.join(directory, e.path), e.label) for e in self._entries(split)))
 
     def membership(self, split: str) -> dict[str, Any]:
