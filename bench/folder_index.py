@@ -1,4 +1,4 @@
-"""Image-folder start-up: the first scan (decode every file, 1 and W processes) against a start-up from the cached index.
+"""Image-folder start-up from the cached index against the first scan (decoding every file, in 1 and W processes).
 
 Writes an ImageFolder of 500x375 JPEGs (ImageNet-like, as bench/input_pipeline.py) in a temp dir and times what
 ``train.py`` does with it before step 1: ``ImageFolderSource`` (list, index, slice the splits) and the dataset
@@ -38,7 +38,7 @@ def start_up(root: pathlib.Path, cache: pathlib.Path, workers: int) -> tuple[flo
                                     synthetic_image_size=0, cache_dir=str(cache), scan_workers=workers)
     start, cpu = time.perf_counter(), os.times()
     source = sources.ImageFolderSource(str(root), options)
-    fingerprint.of_source(source, options.spec, ("train", "validation"))
+    fingerprint.of_source(source, options.spec, {"train": "train", "eval": "validation"})
     end = os.times()
     used = sum(getattr(end, k) - getattr(cpu, k) for k in ("user", "system", "children_user", "children_system"))
     return time.perf_counter() - start, used

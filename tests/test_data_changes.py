@@ -126,7 +126,7 @@ def test_added_files_are_refused_unless_allowed_and_then_recorded(copy):
     old = {split: {path for path, _ in _records(folder, cache, split)} for split in SPLITS}
     for label, colour in COLOURS.items():
         _write_images(folder / "train", label, [f"new{label}{i}.jpg" for i in range(3)], colour)
-    _refused(folder, workdir, cache, f"split '{SPLITS[0]}' has", "examples, was", "allow_changed_data=True")
+    _refused(folder, workdir, cache, f"the train split '{SPLITS[0]}' has", "examples, was", "allow_changed_data=True")
     # The stable hash split: no old train file moved into eval, and every old eval file stayed there.
     new = {split: {path for path, _ in _records(folder, cache, split)} for split in SPLITS}
     assert not old[SPLITS[0]] & new[SPLITS[1]] and old[SPLITS[1]] <= new[SPLITS[1]]

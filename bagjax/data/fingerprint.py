@@ -1,9 +1,9 @@
 """The dataset fingerprint a workdir keeps (in ``dataset.json``), so a resume can tell whether its data changed.
 
 A fingerprint records the dataset spec, where the data is (``location``: an image folder's root, a TFDS
-``data_dir``), the class list, and for the train and eval split the example count, a digest of each class's
-members (image folders: file names and sizes; TFDS: name, version and split size; synthetic: variant and sizes)
-and a stamp of their mtimes. ``check`` compares the saved fingerprint with this run's:
+``data_dir``), the class list, and for the train and eval split its split string, the example count, a digest
+of each class's members (image folders: file names and sizes; TFDS: name, version and split size; synthetic:
+variant and sizes) and a stamp of their mtimes. ``check`` compares the saved fingerprint with this run's:
 
 - another class list, or the same classes holding each other's images (a renamed or swapped folder): refused,
   always (the checkpoints' logits mean the old classes);
@@ -48,10 +48,11 @@ def membership(count: int, class_digests: Sequence[str], stamp: str = '') -> dic
     return {'count': int(count), 'classes': list(class_digests), 'stamp': stamp}
 
 
-def of_source(source, spec: str, split_names: Sequence[str]) -> dict[str, Any]:
-    """The fingerprint of a source's splits (every source has ``location``, ``class_names``, ``membership``)."""
+def of_source(source, spec: str, splits: dict[str, str]) -> dict[str, Any]:
+    """The fingerprint of a source's splits, by role (``{'train': 'train[:80%]', 'eval': ...}``), so another split
+    string for a role is other data. Every source has ``location``, ``class_names`` and ``membership``."""
     return {'format': FORMAT, 'spec': spec, 'location': source.location, 'class_names': list(source.class_names),
-            'splits': {split: source.membership(split) for split in dict.fromkeys(split_names)}}
+            'splits': {role: {'split': split, **source.membership(split)} for role, split in splits.items()}}
 
 
 def _renames(old: dict[str, Any], new: dict[str, Any], split: str) -> list[str]:
@@ -70,16 +71,16 @@ def _renames(old: dict[str, Any], new: dict[str, Any], split: str) -> list[str]:
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs in the members of the splits both fingerprints have."""
     out = []
-    for split, now in new['splits'].items():
-        was = old.get('splits', {}).get(split)
-        if was is None:
-            continue
+    for role, now in new['splits'].items():
+        was = old.get('splits', {}).get(role, {})
+        split = f"{role} split '{now['split']}'" + (f" (was '{was.get('split')}')" if was.get('split') != now['split']
+                                                    else '')
         if was.get('count') != now['count']:
-            out.append(f"split '{split}' has {now['count']} examples, was {was.get('count')}")
+            out.append(f"the {split} has {now['count']} examples, was {was.get('count')}")
         elif was.get('classes') != now['classes']:
             changed = [name for name, a, b in zip(new['class_names'], was.get('classes', []), now['classes'])
                        if a != b] if len(now['classes']) == len(new['class_names']) else []
-            out.append(f"split '{split}' holds other examples" + (f" (classes {changed})" if changed else ''))
+            out.append(f'the {split} holds other examples' + (f' (classes {changed})' if changed else ''))
     return out
 
 
@@ -94,14 +95,14 @@ def check(saved: dict[str, Any] | None, now: dict[str, Any], workdir: str, *, al
     fine_tune = f'use a new --workdir, or fine-tune from this one with --workdir NEW --config.init_from={workdir}'
     if list(saved['class_names']) != list(now['class_names']):
         old, new = saved['class_names'], now['class_names']
-        renamed = _renames(saved, now, next(iter(now['splits'])))
+        renamed = _renames(saved, now, 'train')
         what = (f"renamed {', '.join(renamed)}" if renamed else
                 f'removed {sorted(set(old) - set(new))}, added {sorted(set(new) - set(old))}'
                 if set(old) != set(new) else 'the same names in another order')
         raise DataChangedError(
             f'the classes of {now["spec"]} changed since {workdir} was trained: {old} -> {new} ({what}); its '
             f'checkpoints would predict the old classes under the new names: {fine_tune}')
-    renamed = _renames(saved, now, next(iter(now['splits'])))
+    renamed = _renames(saved, now, 'train')
     if renamed:
         raise DataChangedError(
             f'the label mapping of {now["spec"]} changed since {workdir} was trained: images moved between '

@@ -65,7 +65,7 @@ def dataset_info(config) -> DatasetInfo:
         num_eval=source.num_examples(config.data.eval_split),
         num_skipped=source.num_skipped,
         fingerprint=fingerprint.of_source(source, str(config.dataset),
-                                          (config.data.train_split, config.data.eval_split)),
+                                          {'train': config.data.train_split, 'eval': config.data.eval_split}),
     )
 
 

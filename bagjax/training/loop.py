@@ -303,7 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             lock.release()
 
 
-def check_data(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.DatasetInfo) -> fingerprint.Verdict:
+def check_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+               info: data.DatasetInfo) -> fingerprint.Verdict:
     """A resume on other data than the workdir's checkpoints were trained on is refused (bagjax.data.fingerprint)."""
     if not checkpoints.finished_steps(workdir) or info.fingerprint is None:
         return fingerprint.Verdict(None)  # a new run: nothing to compare with
