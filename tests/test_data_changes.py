@@ -160,8 +160,10 @@ def test_moved_data_resumes_with_one_line_and_an_old_workdir_cannot_be_checked(c
     assert "no dataset fingerprint" in verdict.line and "resuming without checking" in verdict.line
 
 
+@pytest.mark.filterwarnings("ignore:os.fork")  # JAX's warning, if an earlier test started it in this process
 def test_folder_index_is_built_once_then_revalidated_by_stat(tmp_path, monkeypatch):
-    monkeypatch.setattr(folder_index, "_PARALLEL_MIN_FILES", 8)  # the first scan runs in 2 worker processes
+    monkeypatch.setattr(folder_index, "_PARALLEL_MIN_FILES", 8)  # the first scan runs on 2 workers
+    monkeypatch.setattr(folder_index, "_fork_is_safe", lambda: True)  # processes, though jax may run here
     folder = _make_folder(tmp_path / "images") / "train"
     (folder / "a" / "broken.jpg").write_bytes(b"not a jpeg")
     cache = tmp_path / "cache"

@@ -1,9 +1,9 @@
 """The image-folder index: the files of a split directory, their labels and image sizes, and which cannot be read.
 
 The first scan decodes every image once (JPEG in draft mode: only "does it decode completely" matters) in
-``workers`` processes, with a progress bar. They are forked (they start in milliseconds; threads would not
-scale, as a third of the time per file is Python holding the GIL); where fork is unavailable the scan runs in
-this process.
+``workers`` processes, with a progress bar. They are forked: they start in milliseconds, and threads scale
+less, as a third of the time per file is Python holding the GIL. Once JAX's runtime threads run in this process
+(an experiment command that loaded its model first), a fork could deadlock, so the scan uses threads instead.
 The result is written to ``cache_dir`` (default ``$XDG_CACHE_HOME/bagjax/folder-index``, never inside the
 image folder unless ``cache_dir`` points there), one JSON file per split directory, named by a hash of its
 absolute path, so later runs, resumes and other hosts that share the cache reuse it. Each run still lists the
@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from typing import Sequence
 
 import tqdm
@@ -102,18 +103,33 @@ def _inspect_all(paths: Sequence[str], workers: int, desc: str) -> list[tuple[in
                     disable=len(paths) < _BAR_MIN_FILES)
     results = []
     with bar:
-        if workers <= 1 or len(paths) < _PARALLEL_MIN_FILES or 'fork' not in multiprocessing.get_all_start_methods():
+        if workers <= 1 or len(paths) < _PARALLEL_MIN_FILES:
             for path in paths:
                 results.append(_inspect(path))
                 bar.update()
             return results
-        chunk = max(1, min(256, len(paths) // (8 * workers)))
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork'),
-                                                    initializer=_worker_signals) as pool:
-            for result in pool.map(_inspect, paths, chunksize=chunk):
+        if _fork_is_safe():
+            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork'),
+                                                          initializer=_worker_signals)
+        else:
+            pool = concurrent.futures.ThreadPoolExecutor(workers)
+        with pool:
+            for result in pool.map(_inspect, paths, chunksize=max(1, min(256, len(paths) // (8 * workers)))):
                 results.append(result)
                 bar.update()
     return results
+
+
+def _fork_is_safe() -> bool:
+    """Whether worker processes can be forked: on a platform with fork, before JAX started its runtime threads
+    (JAX itself warns that a fork after that may deadlock)."""
+    if 'fork' not in multiprocessing.get_all_start_methods():
+        return False
+    if 'jax' not in sys.modules:
+        return True
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
+    return not xla_bridge.backends_are_initialized()
 
 
 def _list(split_dir: str, labels: Sequence[str]) -> list[tuple[str, int, int, int, str]]:
