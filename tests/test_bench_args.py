@@ -25,6 +25,7 @@ CASES = [  # (script, arguments, what the line must say); {file} and {workdir} a
     ("explore_size.py", ["--max-classes", "2"], "--max-classes must be at least 5, got 2"),
     ("input_pipeline.py", ["--workers", "0"], "--workers must be at least 1, got 0"),
     ("input_pipeline.py", ["--dtype", "f16"], "invalid choice: 'f16'"),
+    ("folder_index.py", ["--workers", "0"], "--workers must be at least 1, got 0"),
     ("lsp.py", ["--images", "3"], "unrecognized arguments: --images 3"),
 ]
 
