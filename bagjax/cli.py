@@ -16,7 +16,7 @@ import pathlib
 import re
 import signal
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
 
 from bagjax.errors import PathNotWritableError, UserError
 
@@ -72,6 +72,40 @@ def interrupted_exit(e: Interrupted) -> None:
     print(f"error: stopped by {name} outside the training steps (start-up or final evaluation); no checkpoint "
           "was lost: rerun the same command to resume", file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
+
+
+def exit_on_signals() -> None:
+    """SIGTERM/SIGINT end a command that has nothing to save (the experiment commands) at once, in one line.
+
+    Partly written outputs are removed (every output goes through ``bagjax.atomic``, so each file is whole or
+    absent), worker processes are stopped, and the process ends with ``os._exit(128 + signal)``: no traceback,
+    and no interpreter teardown, which crashed (SIGSEGV) when the signal came while XLA was compiling.
+    """
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _exit_now)
+
+
+def _exit_now(signum, frame):
+    from bagjax import atomic  # pylint: disable=g-import-not-at-top
+
+    atomic.remove_partial()
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+    stopped(signum, "every file it wrote is complete, none is half written: rerun the same command", now=True)
+
+
+def stopped(signum: int, detail: str, *, now: bool = False) -> NoReturn:
+    """``error: stopped by SIGNAME: detail`` on stderr, and the shell's status for a signal (128 + its number).
+
+    ``now``: end the process at once (``os._exit``, from a signal handler), else raise SystemExit.
+    """
+    sys.stdout.flush()
+    print(f"error: stopped by {signal.Signals(signum).name}: {detail}", file=sys.stderr, flush=True)
+    if now:
+        os._exit(128 + signum)
+    sys.exit(128 + signum)
 
 
 @contextlib.contextmanager

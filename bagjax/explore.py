@@ -159,7 +159,7 @@ def model_kind(trained: Trained, image_size: int) -> str:
     try:
         patches.receptive_field(trained.model)
         return "bagnet"
-    except TypeError:
+    except UserError:  # no bounded receptive field
         pass
     probe = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     outputs = jax.eval_shape(lambda x: trained.model.apply(trained.variables, x, train=False), probe)

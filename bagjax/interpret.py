@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from bagjax import patches
+from bagjax import atomic, patches
 from bagjax.data import MEAN_RGB, STDDEV_RGB
 from bagjax.models.heads import Head
 from bagjax.errors import UserError
@@ -384,7 +384,8 @@ def save_heatmap_figure(path: str | os.PathLike, images: jax.Array | np.ndarray,
             axes[row, 1].set_title(titles[row])
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
+    with atomic.replacing(path) as tmp:  # whole or absent, even if the command is stopped meanwhile
+        figure.savefig(tmp, format="png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python train.py --config configs/folder.py:/data/birds --workdir runs/birds
 
 The folder holds ``train/<label>/*.jpg|png`` and an eval split ``validation/``, ``val/`` or ``test/`` with the
-same label directories (without one, the last 20% of ``train`` is held out). The config looks at the folder
+same label directories (without one, about 20% of ``train`` is held out by a stable hash of each file's path, so
+adding files never moves one between the two: docs/data.md). The config looks at the folder
 once and prints what it chose:
 
 - classes: the label directories of ``train``;

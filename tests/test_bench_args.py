@@ -26,6 +26,7 @@ CASES = [  # (script, arguments, what the line must say); {file} and {workdir} a
     ("input_pipeline.py", ["--workers", "0"], "--workers must be at least 1, got 0"),
     ("input_pipeline.py", ["--dtype", "f16"], "invalid choice: 'f16'"),
     ("export.py", ["--size", "20"], "--size must be at least 33, got 20"),
+    ("folder_index.py", ["--workers", "0"], "--workers must be at least 1, got 0"),
     ("lsp.py", ["--images", "3"], "unrecognized arguments: --images 3"),
 ]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +28,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from bagjax.data import fingerprint
 from bagjax.data import preprocess
 from bagjax.data import sources
 from bagjax.errors import UserError
@@ -49,6 +49,7 @@ class DatasetInfo:
     num_train: int  # Examples in the train split (after skipping unreadable files).
     num_eval: int  # Examples in the eval split.
     num_skipped: int = 0  # Unreadable files skipped (imagefolder), summed over splits.
+    fingerprint: dict[str, Any] | None = None  # What the data is (bagjax.data.fingerprint), kept in the workdir.
 
 
 def _source(config):
@@ -64,6 +65,8 @@ def dataset_info(config) -> DatasetInfo:
         num_train=source.num_examples(config.data.train_split),
         num_eval=source.num_examples(config.data.eval_split),
         num_skipped=source.num_skipped,
+        fingerprint=fingerprint.of_source(source, str(config.dataset),
+                                          {'train': config.data.train_split, 'eval': config.data.eval_split}),
     )
 
 
@@ -94,11 +97,8 @@ def per_process(global_batch: int, process_count: int, what: str) -> int:
 
 
 def num_workers(config) -> int:
-    """config.data.workers, with -1 meaning one worker process per core."""
-    workers = int(config.data.get('workers', -1))
-    if workers < -1:
-        raise UserError(f'data.workers={workers}: use -1 (one per core), 0 (in-process) or a count')
-    return (os.cpu_count() or 1) if workers == -1 else workers
+    """config.data.workers, with -1 meaning one worker process per core, capped to the available cores."""
+    return sources.capped_workers(int(config.data.get('workers', -1)))
 
 
 # Transforms: module-level callables, so the pipeline pickles into spawned worker processes.

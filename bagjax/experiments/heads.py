@@ -20,15 +20,19 @@ import sys
 import time
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
+from bagjax import atomic, cli
 
-from bagjax import cli
-from bagjax.experiments import report
-from bagjax.models import HEADS
-from bagjax.errors import UserError
+if __name__ == "__main__":
+    cli.exit_on_signals()  # first: a Ctrl-C while jax loads ends in one line too
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bagjax.errors import UserError  # noqa: E402
+from bagjax.experiments import report  # noqa: E402
+from bagjax.models import HEADS  # noqa: E402
 
 HEAD_LABELS = {"learned": "Learned", "orthogonal": "Fixed Orthogonal",
                "orthogonal_hoffer": "Fixed Orthogonal (Hoffer)", "hadamard": "Fixed Hadamard",
@@ -97,8 +101,9 @@ def run_heads(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, he
             print(f"== head {head}, seed {seed}: {subdir}", flush=True)
             start = time.perf_counter()
             metrics = train_and_evaluate(run_config(config, head, seed), str(subdir))
-            if metrics.get("preempted"):
-                raise UserError(f"{subdir} was preempted before it finished: rerun the same command to resume")
+            if metrics.get("preempted"):  # the loop saved a checkpoint; the shell sees the signal
+                cli.stopped(metrics["signal"], f"{subdir} saved a checkpoint at its current step: rerun the same "
+                            "command to resume")
             rows.append({"head": head, "seed": seed, "accuracy": metrics["eval_accuracy"],
                          "loss": metrics["eval_loss"], "examples": metrics["eval_count"], "params": params,
                          "head_params": head_params, "seconds": time.perf_counter() - start,
@@ -147,8 +152,7 @@ def plot_heads(rows: Sequence[dict[str, Any]], path: str | pathlib.Path, title: 
     ax.set_ylim(0, 105)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=120)
 
 
 def write_report(rows: Sequence[dict[str, Any]], out: str | pathlib.Path, title: str) -> str:
@@ -156,7 +160,7 @@ def write_report(rows: Sequence[dict[str, Any]], out: str | pathlib.Path, title:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = heads_markdown(rows, title)
-    (out / "heads.md").write_text(markdown)
+    atomic.write_text(out / "heads.md", markdown)
     report.write_csv(out / "heads.csv", rows)
     plot_heads(rows, out / "heads.png", title)
     return markdown
@@ -206,7 +210,7 @@ def run() -> None:
                              ("--seeds=N", "seeds per head (config.seed, config.seed + 1, ...)"),
                              ("--out=DIR", "where heads.md/.csv/.png go (default: the workdir)"))))
         return
-    cli.catch_interrupts()
+    cli.exit_on_signals()
     flags_ = define_flags()
     with cli.user_errors():
         cli.parse_config_flags(flags_, sys.argv, "--heads=learned,identity, not --heads learned identity")

@@ -44,13 +44,17 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the eval pipeline uses tf.data; keep its logs quiet
 
+from bagjax import atomic, cli  # noqa: E402
+
+if __name__ == "__main__":
+    cli.exit_on_signals()  # first: a Ctrl-C while jax loads ends in one line too
+
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
 from typing import Any, Mapping, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bagjax import cli  # noqa: E402
 from bagjax.downstream import FIGURE_IMAGES, PATCH_INPUTS, SETTINGS, run_lsp  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
 from bagjax.models.anchornet import RECEPTIVE_FIELDS  # noqa: E402
@@ -172,8 +176,7 @@ def plot_patches(result: Mapping[str, Any], class_names: Sequence[str], path: st
                          f"γ {class_names[int(loc['cls'][i])]}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=100)
 
 
 def plot_attention(result: Mapping[str, Any], path: str | pathlib.Path) -> None:
@@ -201,8 +204,7 @@ def plot_attention(result: Mapping[str, Any], path: str | pathlib.Path) -> None:
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -242,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = result_rows(result)
     title = f"AnchorNet {args.workdir} -> {classifier.config.model} {args.downstream}"
     markdown = lsp_markdown(rows, result, title)
-    (out / "lsp.md").write_text(markdown)
+    atomic.write_text(out / "lsp.md", markdown)
     report.write_csv(out / "lsp.csv", rows)
     written = ["lsp.md", "lsp.csv"]
     if result["figure"]:

@@ -24,6 +24,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the eval pipeline uses tf.data; keep its logs quiet
 
+from bagjax import atomic, cli  # noqa: E402
+
+if __name__ == "__main__":
+    cli.exit_on_signals()  # first: a Ctrl-C while jax loads ends in one line too
+
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
@@ -36,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
-from bagjax import attack, cli, data, interpret, patches, robust  # noqa: E402
+from bagjax import attack, data, interpret, patches, robust  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
 from bagjax.errors import UserError  # noqa: E402
 
@@ -282,8 +287,7 @@ def plot_accuracies(rows: Sequence[dict[str, Any]], path: str | pathlib.Path, ti
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=120)
 
 
 def plot_attacks(model, variables, examples: Sequence[dict[str, Any]], class_names: Sequence[str],
@@ -337,8 +341,7 @@ def plot_attacks(model, variables, examples: Sequence[dict[str, Any]], class_nam
         for ax in row:
             ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -390,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     title = f"{trained.config.model}, {trained.config.image_size} px, {args.workdir}"
     markdown = robustness_markdown(rows, title)
-    (out / "robustness.md").write_text(markdown)
+    atomic.write_text(out / "robustness.md", markdown)
     report.write_csv(out / "robustness.csv", rows)
     plot_accuracies(rows, out / "robustness.png", f"Patch robustness: {trained.config.model}")
     written = ["robustness.md", "robustness.csv", "robustness.png"]

@@ -27,6 +27,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from bagjax import cli, data, robust
+from bagjax.data import fingerprint
 from bagjax.models import build_model, is_bagnet
 from bagjax.training import checkpoints, checks, optim, precise_bn, sharding
 from bagjax.training.checkpoints import write_dataset_info
@@ -304,12 +305,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             lock.release()
 
 
+def check_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+               info: data.DatasetInfo) -> fingerprint.Verdict:
+    """A resume on other data than the workdir's checkpoints were trained on is refused (bagjax.data.fingerprint)."""
+    if not checkpoints.finished_steps(workdir) or info.fingerprint is None:
+        return fingerprint.Verdict(None)  # a new run: nothing to compare with
+    return fingerprint.check(checkpoints.saved_fingerprint(workdir), info.fingerprint, str(workdir),
+                             allow_changed=bool(config.data.get("allow_changed_data", False)))
+
+
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.DatasetInfo,
            num_classes: int) -> dict[str, float]:
     """The run itself, once every check passed and the workdir is locked."""
     if info.num_skipped:
         print(f"data: skipped {info.num_skipped} unreadable image(s)", flush=True)
     is_main = jax.process_index() == 0
+    verdict = check_data(config, workdir, info)  # before anything is restored or written
+    if verdict.line and is_main:
+        print(verdict.line, flush=True)
 
     steps_per_epoch, total_steps, eval_every = _steps(config, info)
     mesh = sharding.make_mesh()
@@ -346,7 +359,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
 
     if is_main:  # only now: a run refused above must not overwrite the workdir's record of its config
         checkpoints.write_config(workdir, config)
-        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval)
+        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval, info.fingerprint)
     start_step = int(jax.device_get(state.step))
     p_train_step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                            in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
@@ -385,6 +398,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         return metrics
 
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+    if verdict.changed:
+        writer.note(start_step, {"data_changed": verdict.line})
     cli.raise_if_interrupted()  # a SIGTERM/SIGINT during start-up: one line, nothing written yet to lose
     preemption = _Preemption()
     eval_metrics: dict[str, float] = {}
