@@ -246,8 +246,10 @@ def test_sigint_at_any_moment_is_one_line_exit_130_and_leaves_no_partial_file(sm
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     written = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if proc.returncode == 0:  # it finished before the signal: everything must be there
+    if proc.returncode in (0, -signal.SIGINT):  # it finished before the signal (a SIGINT during the interpreter's
+        # teardown, after main returned, meets Python's restored default handler): everything must be there
         assert written == ["blackout.csv", "blackout.md", "blackout.png"], stderr
+        assert "Traceback" not in stderr, stderr
     else:
         assert proc.returncode == 130 and "Traceback" not in stderr, stderr
         assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGINT: "), stderr

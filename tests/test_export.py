@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import torch_reference
-from trainutil import ROOT, run_train, train_env
+from trainutil import ROOT, train_env
 
 pytest.importorskip("jax2onnx", reason='the export extra: pip install -e ".[export]"')
 ort = pytest.importorskip("onnxruntime")
@@ -150,17 +150,10 @@ def test_torch_bagnet33_convert_export_onnxruntime_round_trip(tmp_path, capsys):
     assert_close(got, want)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("trained") / "run"
-    run_train("demo.py:smoke", workdir, "--config.heatmap_images=0")
-    return workdir
-
-
-def test_model_card_snippet_serves_without_jax_like_predict(trained, tmp_path):
+def test_model_card_snippet_serves_without_jax_like_predict(smoke_workdir, tmp_path):
     from bagjax.predict import predict
 
-    export.main(["--workdir", str(trained), "--format", "onnx", "--out", str(tmp_path / "export"),
+    export.main(["--workdir", str(smoke_workdir), "--format", "onnx", "--out", str(tmp_path / "export"),
                  "--checkpoint", "latest"])
     card = (tmp_path / "export" / "README.md").read_text()
     assert "Receptive field 17 px, stride 8 px" in card and "patch_logits" in card
@@ -174,6 +167,6 @@ def test_model_card_snippet_serves_without_jax_like_predict(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     top, logits = proc.stdout.split(" ", 1)
     probabilities = np.exp(json.loads(logits)) / np.sum(np.exp(json.loads(logits)))
-    (ranked,) = predict(str(trained), [str(image)], out=str(tmp_path / "heatmaps"))
+    (ranked,) = predict(str(smoke_workdir), [str(image)], out=str(tmp_path / "heatmaps"))
     assert top == ranked[0][0]
     assert np.allclose(sorted(probabilities, reverse=True)[:len(ranked)], [p for _, p in ranked], atol=1e-5)
