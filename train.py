@@ -27,10 +27,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     # orbax's background threads log every failed write with a traceback; the error itself reaches run()
     pylogging.getLogger("absl").setLevel(pylogging.CRITICAL)
+    from bagjax.explore import write_run_figures
     from bagjax.training.loop import train_and_evaluate
 
     try:
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir, on_finish=(write_run_figures,))
     except Exception as e:  # a write that met a full disk half way, in orbax's threads or ours
         if isinstance(e, DiskFullError) or "No space left on device" not in str(e):
             raise

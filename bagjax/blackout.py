@@ -177,10 +177,10 @@ def head_function(model: nn.Module, variables: Any) -> Callable[[jax.Array], jax
 
 
 def check_channel_mode(model: nn.Module) -> None:
-    if getattr(model, "head", None) not in LINEAR_HEADS:
+    if model.capabilities.head not in LINEAR_HEADS:
         raise UserError(f"--mode channels zeroes fc weight columns and needs a linear head "
                         f"({', '.join(LINEAR_HEADS)}), "
-                        f"but the model's head is {getattr(model, 'head', None)!r}: use --mode patches")
+                        f"but the model's head is {model.capabilities.head!r}: use --mode patches")
 
 
 def linear_head_weight(head: Callable[[jax.Array], jax.Array], num_features: int) -> jax.Array:
@@ -238,7 +238,7 @@ def run_blackout(model: nn.Module, variables: Any, config: Any, schemes: Sequenc
     """
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}: choose one of {', '.join(MODES)}")
-    patches.receptive_field(model)  # raises for a model without a patch grid
+    patches.geometry(model)  # raises for a model without a patch grid
     if mode == "channels":
         check_channel_mode(model)
     if max_examples is not None and max_examples < 1:
@@ -249,21 +249,14 @@ def run_blackout(model: nn.Module, variables: Any, config: Any, schemes: Sequenc
     if split is not None:
         config = config.copy_and_resolve_references()
         config.data.eval_split = split
-    total = data.dataset_info(config).num_eval
-    total = total if max_examples is None else min(total, max_examples)
+    total = data.eval_total(config, max_examples)
     step = blackout_step(model, schemes, mode)
     correct = np.zeros(len(schemes))
     loss = np.zeros(len(schemes))
-    count, offset = 0, 0
+    count = 0
     bar = tqdm.tqdm(total=total, desc=f"blackout ({mode})", unit="img", dynamic_ncols=True, mininterval=1.0)
     try:
-        for batch in data.eval_batches(config, process_index=0, process_count=1):
-            b = len(batch["label"])
-            index = np.arange(offset, offset + b, dtype=np.int32)
-            valid = np.asarray(batch["mask"], bool) & (index < total)
-            offset += b
-            if not valid.any():
-                break
+        for batch, index, valid in data.counted_eval_batches(config, total):
             c, l = jax.device_get(step(variables, batch["image"], batch["label"], valid, index))
             correct += c
             loss += l
@@ -288,7 +281,7 @@ def random_variables(model: nn.Module, seed: int = 0) -> dict[str, Any]:
     Kernels are normal with fan-in scaling, BatchNorm statistics mean 0 / variance 1, so activations stay
     finite and ordinary (no denormals that would distort CPU timings).
     """
-    rf = model.receptive_field
+    rf = model.capabilities.receptive_field
     shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, rf, rf, 3)), train=False), jax.random.key(0))
     rng = np.random.default_rng(seed)
 

@@ -80,9 +80,9 @@ class Steps:
         a_model, c_model = anchornet.model, classifier.model
 
         def probs(variables, x):
-            return jax.nn.softmax(c_model.apply(variables, x, train=False).astype(jnp.float32), axis=-1)
+            return jax.nn.softmax(c_model.apply(variables, x, train=False)[0].astype(jnp.float32), axis=-1)
 
-        self.forward = jax.jit(lambda v, x: a_model.apply(v, x, train=False))
+        self.forward = jax.jit(lambda v, x: a_model.apply(v, x, train=False)[1])  # the branch maps (aux)
         self.localize = {name: jax.jit(functools.partial(localize_patches, settings=SETTINGS[name]))
                          for name in settings}
         self.full = jax.jit(lambda v, x: probs(v, resize(x, inputs.full)))
@@ -90,7 +90,7 @@ class Steps:
                          for rf in RECEPTIVE_FIELDS}
         self.patches = {rf: jax.jit(lambda v, x, i, b, rf=rf: probs(v, gather_patches(
             x, i, b, patch_size=rf, out_size=inputs.patch[rf]))) for rf in RECEPTIVE_FIELDS}
-        self.classifier = jax.jit(lambda v, x: c_model.apply(v, x, train=False))
+        self.classifier = jax.jit(lambda v, x: c_model.apply(v, x, train=False)[0])
 
 
 def xla_flops(compiled: Any) -> float:
@@ -141,29 +141,24 @@ def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] 
         config.eval_batch_size = batch_size
     size = int(config.image_size)
     inputs = Inputs.make(patch_input, size, int(classifier.config.image_size), input_scale)
-    smallest, rf = min(inputs.full, *inputs.patch.values()), getattr(classifier.model, "receptive_field", 1)
+    smallest, rf = min(inputs.full, *inputs.patch.values()), classifier.model.capabilities.receptive_field or 1
     if smallest < rf:
         raise UserError(f"--input-scale {input_scale:g} gives {smallest} px classifier inputs, below "
                         f"{classifier.config.model}'s receptive field of {rf} px: use --input-scale "
                         f"{math.ceil(100 * rf / min(RECEPTIVE_FIELDS)) / 100:g} or more")
     steps = Steps(anchornet, classifier, settings, inputs)
     a_vars, c_vars = jax.device_put(anchornet.variables), jax.device_put(classifier.variables)
-    total = data.dataset_info(config).num_eval
-    total = total if max_examples is None else min(total, max_examples)
+    total = data.eval_total(config, max_examples)
 
     per_image: dict[str, list[np.ndarray]] = {}
     figure: dict[str, Any] = {}
     forward, anchornet_flops = None, float("nan")
-    count, offset, num_patches = 0, 0, 0
+    count, num_patches = 0, 0
     start = time.perf_counter()
     bar = tqdm.tqdm(total=total, desc="lsp", unit="img", dynamic_ncols=True, mininterval=1.0)
     try:
-        for batch in data.eval_batches(config, process_index=0, process_count=1):
+        for batch, _, keep in data.counted_eval_batches(config, total):
             b = len(batch["label"])
-            keep = np.asarray(batch["mask"], bool) & (np.arange(offset, offset + b) < total)
-            offset += b
-            if not keep.any():
-                break
             images = jax.jit(data.normalize)(batch["image"])  # uint8 to the device, normalized there
             labels = np.asarray(batch["label"])
             if forward is None:  # compiled once (eval batches share one shape); its cost over the batch size
@@ -240,10 +235,10 @@ def _classify_patches(steps: Steps, c_vars: Any, images: jax.Array, located: Map
 
 
 def _check_pair(anchornet: Trained, classifier: Trained) -> None:
-    if anchornet.config.model != "anchornet":
+    if not anchornet.model.capabilities.branches:
         raise UserError(f"--workdir must be an AnchorNet workdir, but it trained {anchornet.config.model!r}: "
                         "train one with python train.py --config configs/anchornet_demo.py --workdir DIR")
-    if classifier.config.model == "anchornet":
+    if classifier.model.capabilities.branches:
         raise UserError("--downstream must be a classifier workdir (a BagNet or ResNet-50), not an AnchorNet: "
                         "train one with python train.py --config configs/demo.py --workdir DIR2")
     if tuple(anchornet.class_names) != tuple(classifier.class_names):

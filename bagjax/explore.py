@@ -54,6 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bagjax import blackout, cli, data, interpret, patches, robust  # noqa: E402
@@ -151,32 +152,20 @@ def _mean_argmax(encoded: dict[str, Any], classes: np.ndarray) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- model outputs
-def model_kind(trained: Trained, image_size: int) -> str:
-    """``'bagnet'`` (patch logits), ``'anchornet'`` (branch outputs, a dict) or ``'cam'`` (feature maps + head).
+def model_kind(trained: Trained) -> str:
+    """``'bagnet'`` (patch logits), ``'anchornet'`` (branch maps in aux) or ``'cam'`` (feature maps + head).
 
-    Decided by the model's contracts (DESIGN.md): BagNets have patch geometry; AnchorNet returns a dict.
+    Decided by the model's declared capabilities (``bagjax.models.contract``).
     """
-    try:
-        patches.receptive_field(trained.model)
-        return "bagnet"
-    except UserError:  # no bounded receptive field
-        pass
-    probe = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    outputs = jax.eval_shape(lambda x: trained.model.apply(trained.variables, x, train=False), probe)
-    return "anchornet" if isinstance(outputs, dict) else "cam"
+    caps = trained.model.capabilities
+    return "bagnet" if caps.patch_logits else "anchornet" if caps.branches else "cam"
 
 
-def image_logits(trained: Trained, kind: str, variables: Any, images: jax.Array) -> jax.Array:
-    """``(B, C)`` float32 image logits as bagjax predicts with them (``predict``, the eval metrics)."""
-    model = trained.model
-    if kind == "bagnet":  # a Clipped BagNet's logits are the mean of phi(patch logits)
-        return robust.apply_model(model, variables, images, trained.config, train=False).astype(jnp.float32)
-    outputs = model.apply(variables, images, train=False)
-    if kind == "anchornet":
-        from bagjax.models import anchornet
-
-        return anchornet.image_logits(outputs)
-    return outputs.astype(jnp.float32)
+def image_logits(trained: Trained, variables: Any, images: jax.Array) -> jax.Array:
+    """``(B, C)`` float32 image logits as bagjax predicts with them (``predict``, the eval metrics); a Clipped
+    BagNet's are the mean of phi(patch logits)."""
+    logits, _ = trained.model.apply(variables, images, train=False)
+    return logits.astype(jnp.float32)
 
 
 def forward_fn(trained: Trained, kind: str):
@@ -185,7 +174,7 @@ def forward_fn(trained: Trained, kind: str):
 
     def forward(variables: Any, pixels: jax.Array) -> dict[str, Any]:
         images = data.normalize(pixels)
-        logits = image_logits(trained, kind, variables, images)
+        logits = image_logits(trained, variables, images)
         if kind == "bagnet":
             raw = model.apply(variables, images, train=False, method="patch_logits").astype(jnp.float32)
             clip = robust.config_clip(config)
@@ -193,13 +182,13 @@ def forward_fn(trained: Trained, kind: str):
             return {"logits": logits, "maps": [evidence], "raw": raw}
         if kind == "anchornet":
             from bagjax import localize
-            from bagjax.models.anchornet import RECEPTIVE_FIELDS
 
-            outputs = model.apply(variables, images, train=False)
+            branches = model.capabilities.branches
+            _, outputs = model.apply(variables, images, train=False)
             found = localize.localize_patches(outputs, localize.LSP_VISUALIZATION)
-            maps = [outputs["class_maps"][rf].astype(jnp.float32) for rf in RECEPTIVE_FIELDS]
+            maps = [outputs["class_maps"][rf].astype(jnp.float32) for rf in branches]
             return {"logits": logits, "maps": maps, "rule": found,
-                    "branch_logits": jnp.stack([outputs["logits"][rf] for rf in RECEPTIVE_FIELDS], 1)}
+                    "branch_logits": jnp.stack([outputs["logits"][rf] for rf in branches], 1)}
         features = model.apply(variables, images, train=False, method="features")
         return {"logits": logits, "maps": [blackout.head_function(model, variables)(features).astype(jnp.float32)]}
 
@@ -218,7 +207,7 @@ def map_names(kind: str) -> list[str]:
 def map_geometry(trained: Trained, kind: str, name: str) -> dict[str, Any]:
     """Where a map's location (i, j) looks: ``rf``/``stride`` boxes for BagNets and AnchorNet branches, else None."""
     if kind == "bagnet":
-        rf, stride = patches.receptive_field(trained.model)
+        rf, stride = patches.geometry(trained.model)
         return {"rf": rf, "stride": stride}
     if kind == "anchornet":
         from bagjax.models.anchornet import STRIDE
@@ -335,7 +324,7 @@ def split_examples(trained: Trained, kind: str, split: str, max_examples: int, *
                    ) -> tuple[list[Example], dict[str, Any]]:
     """Evaluate a whole split: the ``max_examples`` to embed (misclassified first, then the least confident) and
     the dataset view's figures (labels and predictions of every example, for accuracy and the confusion matrix)."""
-    forward = jax.jit(lambda v, x: image_logits(trained, kind, v, data.normalize(x)))
+    forward = jax.jit(lambda v, x: image_logits(trained, v, data.normalize(x)))
     labels, predictions = [], []
     worst: list[tuple[float, int, np.ndarray, int]] = []  # min-heap of (badness, -index, ...): keeps the worst
     bar = tqdm.tqdm(desc=f"evaluate {split}", unit="img", dynamic_ncols=True, disable=not progress)
@@ -408,7 +397,7 @@ def explore(workdir: str | os.PathLike, images: Iterable[str] = (), *, out: str 
         raise UserError(f"--out {out} is a directory: give the path of the .html file to write")
     if stride not in (0, 1):
         raise UserError(f"--stride must be 1 (exact per-pixel maps) or left out (native stride), got {stride}")
-    kind = model_kind(trained, int(trained.config.image_size))
+    kind = model_kind(trained)
     if stride == 1 and kind != "bagnet":
         raise UserError(f"--stride 1 maps need a BagNet; {trained.config.model} has no patch logits: leave out "
                         "--stride")
@@ -425,6 +414,31 @@ def explore(workdir: str | os.PathLike, images: Iterable[str] = (), *, out: str 
     payload = page_data(trained, kind, records, dataset, stride)
     write_atomic(out, render_page(payload, f"bagjax explorer: {pathlib.Path(workdir).name}"))
     return out
+
+
+def write_run_figures(trained: Trained, workdir: pathlib.Path) -> None:
+    """The end of a training run (``train.py``'s ``on_finish`` hook): a figure of ``heatmap_images`` eval images
+    beside the exact stride-1 evidence map of their predicted class (heatmaps.png), and the explorer page of the
+    same images (explore.html). Only for models with patch logits; every process calls it, since gathering
+    FSDP-sharded parameters that span processes is a collective, and process 0 writes."""
+    config, model = trained.config, trained.model
+    if not model.capabilities.patch_logits or config.heatmap_images <= 0:
+        return
+    variables = multihost_utils.process_allgather(trained.variables, tiled=True)
+    if jax.process_index() != 0:
+        return
+    batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
+    pixels = batch["image"][: config.heatmap_images]
+    images = jax.jit(data.normalize)(pixels)
+    predicted = np.asarray(jnp.argmax(model.apply(variables, images, train=False)[0], -1))
+    maps = interpret.stride1_heatmap(model, variables, images, predicted)
+    names = trained.class_names
+    titles = [f"true {names[t]} / pred {names[p]}" for t, p in zip(batch["label"], predicted)]
+    interpret.save_heatmap_figure(workdir / "heatmaps.png", pixels, maps, titles)
+    print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
+    examples = [Example(f"eval #{i}", p, int(t)) for i, (p, t) in enumerate(zip(pixels, batch["label"]))]
+    gathered = dataclasses.replace(trained, variables=variables)
+    print(f"wrote {explore(workdir, examples=examples, trained=gathered, progress=False)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

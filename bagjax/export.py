@@ -105,20 +105,15 @@ def load_weights(weights: str | pathlib.Path, model: str | None = None) -> Sourc
 def all_outputs(source: Source, x: jax.Array) -> dict[str, jax.Array]:
     """Every output of the model on normalised images ``x``, flat: image ``logits`` first, then a BagNet's
     ``patch_logits`` or AnchorNet's per-branch ``logits_RF``, ``class_maps_RF`` and ``attention_RF``."""
-    from bagjax.models import is_bagnet
-
-    if is_bagnet(source.name):  # the network once: the image logits are the mean of the patch logits (contract)
+    caps = source.model.capabilities
+    if caps.patch_logits:  # the network once: the image logits are the mean of the patch logits (contract)
         patch_logits = source.model.apply(source.variables, x, train=False, method="patch_logits")
         return {"logits": jnp.mean(patch_logits, axis=(1, 2)), "patch_logits": patch_logits}
-    raw = source.model.apply(source.variables, x, train=False)
-    if isinstance(raw, dict):  # AnchorNet: {'logits', 'class_maps', 'attention'}, each keyed by branch
-        from bagjax.models.anchornet import image_logits
-
-        flat = {"logits": image_logits(raw)}
-        for rf in raw["logits"]:
-            flat.update({f"{key}_{rf}": raw[key][rf] for key in ("logits", "class_maps", "attention")})
-        return flat
-    return {"logits": raw}
+    logits, aux = source.model.apply(source.variables, x, train=False)
+    flat = {"logits": logits}  # AnchorNet's aux: 'logits', 'class_maps', 'attention', each keyed by branch
+    for rf in caps.branches:
+        flat.update({f"{key}_{rf}": aux[key][rf] for key in ("logits", "class_maps", "attention")})
+    return flat
 
 
 def available_outputs(source: Source) -> tuple[str, ...]:
@@ -154,13 +149,10 @@ def serving_fn(source: Source, outputs: tuple[str, ...]) -> Callable[[Any, jax.A
 
 def geometry(source: Source) -> tuple[int | None, int | None, int]:
     """(receptive field, stride, smallest input side): the evidence-map geometry (None for ResNet-50)."""
-    from bagjax.models import receptive_field
-
-    try:
-        rf, stride = receptive_field(source.name, **source.model_kwargs)  # AnchorNet: its largest branch
-    except ValueError:  # ResNet-50
+    caps = source.model.capabilities
+    if caps.receptive_field is None:  # ResNet-50
         return None, None, RESNET_MIN_SIZE
-    return rf, stride, rf
+    return caps.receptive_field, caps.stride, caps.receptive_field  # AnchorNet: its largest branch
 
 
 def metadata(source: Source, outputs: tuple[str, ...], image_size: int | None, fmt: str) -> dict[str, Any]:

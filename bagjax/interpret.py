@@ -89,7 +89,7 @@ def class_evidence(model: nn.Module, variables: Any, images: jax.Array, classes:
     ``patch_logits[..., c]`` (Brendel & Bethge 2019, Fig. 2): location (i, j) is the logit of the patch
     ``patches.patch_boxes(model, H, W)[i, j]``, and the image logit of class c is the map's mean.
     """
-    patches.receptive_field(model)
+    patches.geometry(model)
     images, _ = _as_batch(images)
     return _class_map(model, variables, images, _class_indices(classes, images.shape[0], model.num_classes),
                       "patch_logits")
@@ -102,8 +102,8 @@ def class_activation_map(model: nn.Module, variables: Any, images: jax.Array, cl
     channel c, so that channel is the class activation map with no weighting to learn or apply. Works for a
     BagNet (grid ``(H', W')``) and ResNet-50 (``H/32 x W/32``), both through ``method='features'``.
     """
-    head = getattr(model, "head", None)
-    if head != "identity" or not hasattr(model, "features"):
+    head = model.capabilities.head
+    if head != "identity" or not model.capabilities.features:
         raise UserError(f"free CAMs need a model built with head='identity', got head={head!r}")
     images, _ = _as_batch(images)
     return _class_map(model, variables, images, _class_indices(classes, images.shape[0], model.num_classes),
@@ -239,7 +239,7 @@ def stride1_heatmap(model: nn.Module, variables: Any, images: jax.Array, target_
     ~1 GB of temporaries per 2**15): several whole images share a pass when they fit (a batch of images is
     one pass per phase), and an image larger than that is cut into horizontal bands.
     """
-    patches.receptive_field(model)
+    patches.geometry(model)
     chunk_pixels = default_chunk_pixels() if chunk_pixels is None else chunk_pixels
     if chunk_pixels < 1:
         raise UserError(f"chunk_pixels must be positive, got {chunk_pixels}")
@@ -252,7 +252,7 @@ def stride1_heatmap(model: nn.Module, variables: Any, images: jax.Array, target_
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _stride1_heatmaps(model: nn.Module, variables: Any, images: jax.Array, classes: jax.Array,
                       chunk_pixels: int) -> jax.Array:
-    rf, stride = patches.receptive_field(model)
+    rf, stride = patches.geometry(model)
     batch, height, width, _ = images.shape
     # Whole output grids (extra rows/cols are cropped at the end), so every phase has the same size.
     full_width = -(-width // stride) * stride

@@ -2,7 +2,8 @@
 
 Brendel & Bethge (ICLR 2019), section 3: with unpadded convs, output location (i, j) of a BagNet sees exactly
 the input box ``[stride*i, stride*i + rf) x [stride*j, stride*j + rf)``. This module is the one place that turns
-a model into that geometry; heatmaps, blackout and cropping ask here. ``per_patch_logits`` runs the network on
+a model's declared capabilities (``bagjax.models.contract``) into that geometry; heatmaps, blackout and cropping
+ask here. ``per_patch_logits`` runs the network on
 each extracted rf x rf patch separately, which equals the dense ``patch_logits`` up to float rounding: the
 bag-of-local-features property made executable.
 """
@@ -19,29 +20,26 @@ from flax import linen as nn
 from bagjax.errors import UserError
 
 
-def _check_bagnet(model: nn.Module) -> None:
-    if not hasattr(model, "receptive_field") or not hasattr(model, "patch_logits"):
-        raise UserError(f"{type(model).__name__} is not a BagNet: patch geometry needs a bounded receptive field")
-
-
-def receptive_field(model: nn.Module) -> tuple[int, int]:
-    """``(rf, stride)`` in input pixels: (9, 8), (17, 8) or (33, 8) for BagNet-9/17/33."""
-    _check_bagnet(model)
-    return model.receptive_field, model.stride
+def geometry(model: nn.Module) -> tuple[int, int]:
+    """``(rf, stride)`` in input pixels of a model with patch logits: (9, 8), (17, 8) or (33, 8) for BagNet-9/17/33."""
+    caps = model.capabilities
+    if not caps.patch_logits:
+        raise UserError(f"{type(model).__name__} is not a BagNet: patch geometry needs a model with patch logits")
+    return caps.receptive_field, caps.stride
 
 
 def grid_shape(model: nn.Module, height: int, width: int) -> tuple[int, int]:
     """The patch grid ``(H', W')`` of a ``height x width`` input; raises if the input is below the rf."""
-    rf, _ = receptive_field(model)
+    rf, _ = geometry(model)
     if height < rf or width < rf:
         raise UserError(f"a {height}x{width} image is smaller than the {rf}x{rf} px receptive field: "
                         f"use images of at least {rf} px")
-    return model.grid_shape(height, width)
+    return model.capabilities.grid_shape(height, width)
 
 
 def patch_boxes(model: nn.Module, height: int, width: int) -> np.ndarray:
     """Pixel box ``(y0, x0, y1, x1)`` (half-open) of every location: int array ``(H', W', 4)``."""
-    rf, stride = receptive_field(model)
+    rf, stride = geometry(model)
     gh, gw = grid_shape(model, height, width)
     i, j = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
     return np.stack([stride * i, stride * j, stride * i + rf, stride * j + rf], axis=-1).astype(np.int32)
@@ -70,7 +68,7 @@ def per_patch_logits(model: nn.Module, variables: Any, images: jax.Array,
     ``(B, H', W', C)``; otherwise ``locations`` is ``(N, 2)`` grid indices and the result is ``(B, N, C)``.
     Only the requested patches are computed, which is what sparse evaluation (blackout) relies on.
     """
-    rf, stride = receptive_field(model)
+    rf, stride = geometry(model)
     height, width = images.shape[1:3]
     dense = locations is None
     if dense:

@@ -21,7 +21,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bagjax import cli, data, interpret  # noqa: E402
-from bagjax.models import is_bagnet  # noqa: E402
 from bagjax.workdir import load_trained  # noqa: E402
 from bagjax.errors import PathNotWritableError, UserError  # noqa: E402
 
@@ -57,7 +56,7 @@ def image_files(paths: list[str]) -> list[str]:
 def evidence_map(trained, image: np.ndarray, cls: int, stride1: bool) -> np.ndarray | None:
     """The top class's evidence map, or None for a model that has none."""
     model, variables = trained.model, trained.variables
-    if is_bagnet(trained.config.model):
+    if model.capabilities.patch_logits:
         if stride1:
             return np.asarray(interpret.stride1_heatmap(model, variables, image, cls))
         return np.asarray(interpret.class_evidence(model, variables, image[None], cls)[0])
@@ -91,12 +90,8 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
             print(f"{path}: skipped ({e})", file=sys.stderr)
             continue
         image = normalize(pixels)
-        outputs = apply(trained.variables, image[None])
-        if isinstance(outputs, dict):  # AnchorNet
-            from bagjax.models.anchornet import image_logits
-
-            outputs = image_logits(outputs)
-        probs = np.asarray(jax.nn.softmax(outputs[0]))
+        logits, _ = apply(trained.variables, image[None])
+        probs = np.asarray(jax.nn.softmax(logits[0]))
         top = np.argsort(-probs)[:5]
         ranked = [(trained.class_names[i], float(probs[i])) for i in top]
         results.append(ranked)

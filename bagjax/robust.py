@@ -32,7 +32,6 @@ works on one image; ``jax.vmap`` them over a batch (``certify`` does).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +40,9 @@ from flax import linen as nn
 
 from bagjax import patches
 from bagjax.errors import UserError
+from bagjax.models.clip import Clip, clipped_logits, config_clip, parse_clip  # noqa: F401 (the defense's API)
 
 DEFENSES = ("none", "mask", "clip")
-CBN_ALPHA, CBN_BETA = 0.05, -1.0  # Clipped BagNet's tanh(alpha * x + beta)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -60,7 +59,7 @@ def window_size(patch_px: int, rf: int, stride: int) -> int:
 
 def window_shape(model: nn.Module, patch_px: int, height: int, width: int) -> tuple[int, int]:
     """The window ``(wy, wx)`` of a square ``patch_px`` patch on the model's grid, at most the grid itself."""
-    rf, stride = patches.receptive_field(model)
+    rf, stride = patches.geometry(model)
     if patch_px > min(height, width):
         raise UserError(f"a {patch_px} px patch does not fit a {height}x{width} image: use a smaller --patch-size")
     gh, gw = patches.grid_shape(model, height, width)
@@ -197,36 +196,6 @@ def masking_margins(patch_logits: jax.Array, label: jax.Array, window: tuple[int
 
 
 # ----------------------------------------------------------------------------------------------- clipping
-class Clip(NamedTuple):
-    """A bounded function of local logits, ``phi(x)`` in ``[low, high]`` (Clipped BagNet)."""
-
-    name: str
-    fn: Callable[[jax.Array], jax.Array]
-    low: float
-    high: float
-
-
-def parse_clip(spec: str) -> Clip:
-    """``cbn`` (Zhang et al.: ``tanh(0.05 x - 1)``), ``cbn:A,B`` (``tanh(A x + B)``) or ``clamp:LO,HI``."""
-    name, _, args = spec.partition(":")
-    try:
-        values = [float(v) for v in args.split(",")] if args else []
-    except ValueError:
-        values = None
-    if name == "cbn" and values is not None and len(values) in (0, 2):
-        alpha, beta = values or (CBN_ALPHA, CBN_BETA)
-        return Clip(spec, lambda x: jnp.tanh(alpha * x + beta), -1.0, 1.0)
-    if name == "clamp" and values is not None and len(values) == 2 and values[0] < values[1]:
-        low, high = values
-        return Clip(spec, lambda x: jnp.clip(x, low, high), low, high)
-    raise UserError(f"unknown clip {spec!r}: use cbn, cbn:ALPHA,BETA (tanh(ALPHA x + BETA)) or clamp:LO,HI (LO < HI)")
-
-
-def clipped_logits(patch_logits: jax.Array, clip: Clip) -> jax.Array:
-    """Clipped BagNet's image logits: the mean of ``phi`` over the grid, ``(..., H', W', C) -> (..., C)``."""
-    return clip.fn(patch_logits).mean(axis=(-3, -2))
-
-
 def clipping_margins(patch_logits: jax.Array, label: jax.Array, window: tuple[int, int],
                      clip: Clip) -> tuple[jax.Array, jax.Array]:
     """Provable analysis of Clipped BagNet for every window: ``(safe, margin)``, each ``(ny, nx)``.
@@ -242,29 +211,6 @@ def clipping_margins(patch_logits: jax.Array, label: jax.Array, window: tuple[in
     margin = jnp.min(jnp.where(others, worst, jnp.inf), axis=-1)
     count = phi.shape[0] * phi.shape[1]
     return margin > rounding_tolerance(count * max(abs(clip.low), abs(clip.high)), count), margin
-
-
-def config_clip(config) -> str:
-    """``config.robust.clip`` of a training config: a ``parse_clip`` spec, or ``""`` for the plain mean."""
-    section = config.get("robust")
-    return str(section.get("clip", "")) if section is not None else ""
-
-
-def apply_model(model: nn.Module, variables: Any, images: jax.Array, config, **kwargs: Any) -> Any:
-    """``model.apply(variables, images, **kwargs)``; with ``config.robust.clip`` the image logits are Clipped
-    BagNet's (the mean of the clipped patch logits), which is how a model is trained for the clip defense.
-    """
-    clip = config_clip(config)
-    if not clip:
-        return model.apply(variables, images, **kwargs)
-    if not hasattr(model, "patch_logits"):
-        raise UserError(f"config.robust.clip={clip!r} clips patch logits and needs a BagNet, not {config.model}: "
-                        "set config.robust.clip=''")
-    phi = parse_clip(clip)
-    out = model.apply(variables, images, output="patch_logits", **kwargs)
-    if isinstance(out, tuple):  # mutable collections were requested
-        return clipped_logits(out[0], phi), out[1]
-    return clipped_logits(out, phi)
 
 
 # ----------------------------------------------------------------------------------------------- defenses

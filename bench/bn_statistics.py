@@ -26,7 +26,6 @@ import ml_collections
 from bagjax import cli
 from bagjax.errors import PathNotFoundError
 from bagjax.training import checkpoints, precise_bn
-from bagjax.training.loop import eval_logits
 from bagjax.training.state import TrainState
 from bagjax.workdir import load_trained
 
@@ -57,8 +56,7 @@ def main() -> None:
     config = ml_collections.ConfigDict(trained.config.to_dict())
     config.precise_bn = ml_collections.ConfigDict({"num_batches": 0, "guard_batches": 10**9})  # all full batches
     num_eval = json.loads((pathlib.Path(args.workdir) / "dataset.json").read_text())["num_eval"]
-    step = jax.jit(functools.partial(precise_bn.guard_step, model=trained.model,
-                                     logits_fn=functools.partial(eval_logits, config.model)))
+    step = jax.jit(functools.partial(precise_bn.guard_step, model=trained.model))
     state = TrainState(step=0, params=trained.variables["params"], batch_stats=trained.variables["batch_stats"],
                        opt_state=None)
     metrics = precise_bn.guard(step, state, precise_bn.guard_batches(config, num_eval))

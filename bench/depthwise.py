@@ -38,8 +38,8 @@ IMPLEMENTATIONS = {"shifted": layers.shifted_depthwise_conv, "grouped": layers.g
 
 def loss_and_grad(model, variables, images, labels):
     def loss(params):
-        outputs, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
-                                 mutable=["batch_stats"])
+        (_, outputs), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
+                                      mutable=["batch_stats"])
         return anchornet.training_loss(outputs, labels)
 
     return jax.jit(jax.value_and_grad(loss))

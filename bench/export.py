@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch_reference  # noqa: E402
 from bagjax import cli, convert, export  # noqa: E402
 from bagjax.data import normalize  # noqa: E402
-from bagjax.models import create_model, receptive_field  # noqa: E402
+from bagjax.models import capabilities, create_model  # noqa: E402
 from benchargs import at_least  # noqa: E402
 from models import _median_seconds, torch_step  # noqa: E402
 
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--no-savedmodel", action="store_true", help="skip the TF SavedModel")
     args = parser.parse_args()
-    at_least(parser, args, batch=1, size=receptive_field(MODEL)[0], iters=1)
+    at_least(parser, args, batch=1, size=capabilities(MODEL).receptive_field, iters=1)
     import onnxruntime as ort
 
     reference = torch_reference.build_reference(MODEL, NUM_CLASSES)

@@ -71,7 +71,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from bagjax.models import receptive_field
+    from bagjax.models import capabilities
     from bagjax.training import optim, sharding
     from bagjax.training.loop import train_step
     from bagjax.training.state import TrainState
@@ -81,7 +81,7 @@ def main() -> None:
     devices = jax.device_count()
     if args.batch % devices:
         parser.error(f"--batch {args.batch} is not divisible by the {devices} devices: use a multiple of {devices}")
-    at_least(parser, args, size=receptive_field("bagnet33")[0])
+    at_least(parser, args, size=capabilities("bagnet33").receptive_field)
     config = default.get_config()
     config.model, config.num_classes, config.image_size, config.batch_size = "bagnet33", 1000, args.size, args.batch
     model = build_model(config, 1000)

@@ -75,7 +75,7 @@ def main() -> None:
     variables = jax.device_put(convert.from_torch_state_dict(MODEL, reference.state_dict()))
     reference = reference.to(device)
     model = create_model(MODEL, num_classes=NUM_CLASSES)
-    rf = model.receptive_field
+    rf = model.capabilities.receptive_field
     rng = np.random.default_rng(0)
     images = normalize(rng.integers(0, 256, (args.images, SIZE, SIZE, 3), dtype=np.uint8))
     image = images[0]

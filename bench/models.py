@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import torch_reference  # noqa: E402
 from bagjax import cli, convert  # noqa: E402
-from bagjax.models import create_model, receptive_field  # noqa: E402
+from bagjax.models import capabilities, create_model  # noqa: E402
 from benchargs import at_least  # noqa: E402
 
 MODEL = "bagnet33"
@@ -71,7 +71,7 @@ def bagjax_step(variables, images: np.ndarray, dtype: jnp.dtype):
     model = create_model(MODEL, num_classes=NUM_CLASSES, dtype=dtype)
     variables = jax.device_put(variables)
     x = jax.device_put(images)
-    apply = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
+    apply = lambda v, x: model.apply(v, x, train=False)[0]  # noqa: E731
     compiled = jax.jit(apply).lower(variables, x).compile()
     return (lambda: np.asarray(compiled(variables, x))), _flops(apply, variables, x) / images.shape[0]
 
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--iters", type=int, default=5, help="timed rounds (median)")
     args = parser.parse_args()
-    at_least(parser, args, batch=1, size=receptive_field(MODEL)[0], iters=1)
+    at_least(parser, args, batch=1, size=capabilities(MODEL).receptive_field, iters=1)
 
     reference = torch_reference.build_reference(MODEL, NUM_CLASSES)
     variables = convert.from_torch_state_dict(MODEL, reference.state_dict())

@@ -42,7 +42,7 @@ def main() -> None:
     if args.patch > SIZE:
         p.error(f"--patch must be at most the {SIZE} px image, got {args.patch}")
     model = create_model(MODEL, num_classes=args.classes)
-    grid = model.grid_shape(SIZE, SIZE)
+    grid = model.capabilities.grid_shape(SIZE, SIZE)
     window = robust.window_shape(model, args.patch, SIZE, SIZE)
     rng = np.random.default_rng(0)
     labels = rng.integers(args.classes, size=args.images)

@@ -44,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bagjax import cli  # noqa: E402
-from bagjax.models import receptive_field  # noqa: E402
+from bagjax.models import capabilities  # noqa: E402
 from bagjax.training import optim  # noqa: E402
 from bagjax.training.loop import train_step  # noqa: E402
 from bagjax.training.state import TrainState  # noqa: E402
@@ -64,7 +64,7 @@ def forward_flops(model, variables, size: int) -> float:
     on_cpu = jax.sharding.SingleDeviceSharding(cpu)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu),
                             (variables, jnp.zeros((1, size, size, 3), jnp.float32)))
-    lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(*abstract)
+    lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)[0]).lower(*abstract)
     cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    at_least(parser, args, batch=1, size=receptive_field(MODEL)[0], steps=1, rounds=1)
+    at_least(parser, args, batch=1, size=capabilities(MODEL).receptive_field, steps=1, rounds=1)
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak-tflops must be positive, got {args.peak_tflops:g}")
     if args.profile is not None:

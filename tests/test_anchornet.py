@@ -57,7 +57,7 @@ def variables(model):
 def eval_run(model, variables):
     """Eval-mode outputs on two 160 px images, recording every SE gate."""
     x = jax.random.normal(jax.random.key(1), (2, 160, 160, 3))
-    outputs, state = compiled(lambda v, x: model.apply(v, x, mutable=[SE_GATES]), variables, x)(variables, x)
+    (_, outputs), state = compiled(lambda v, x: model.apply(v, x, mutable=[SE_GATES]), variables, x)(variables, x)
     return x, outputs, state[SE_GATES]
 
 
@@ -66,14 +66,14 @@ def test_shapes_at_224_eval_and_train():
     x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     assert set(variables) == {"params", "batch_stats"}
-    out = jax.eval_shape(model.apply, variables, x)
-    assert set(out) == {"logits", "class_maps", "attention"}
+    logits, out = jax.eval_shape(model.apply, variables, x)
+    assert logits.shape == (2, 1000) and set(out) == {"logits", "class_maps", "attention"}
     for rf, g in zip(RECEPTIVE_FIELDS, (21, 17, 15)):
         assert out["logits"][rf].shape == (2, 1000)
         assert out["class_maps"][rf].shape == (2, g, g, 1000)
         assert out["attention"][rf].shape == (2, g, g)
-    train_out, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
-                                      variables, x)
+    (_, train_out), state = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                                           variables, x)
     assert set(train_out) == {"logits", "class_maps", "attention", "aux_logits"}
     assert all(train_out["aux_logits"][rf].shape == (2, 1000) for rf in RECEPTIVE_FIELDS)
     assert set(state) == {"batch_stats"}
@@ -82,7 +82,7 @@ def test_shapes_at_224_eval_and_train():
 @pytest.mark.parametrize("height,width", [(111, 111), (160, 200), (233, 119)])
 def test_grid_sizes_follow_section_3_1(model, height, width):
     x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
-    out = jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.key(0), x), x)
+    _, out = jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.key(0), x), x)
     for rf in RECEPTIVE_FIELDS:
         assert out["class_maps"][rf].shape[1:3] == (grid_size(height, rf), grid_size(width, rf))
 
@@ -127,7 +127,7 @@ def test_receptive_fields_with_fixed_se_gates(model, variables, eval_run):
     i, j, c = 1, 2, 3
 
     def picked(x):
-        out = model.apply(fixed, x)
+        _, out = model.apply(fixed, x)
         return jnp.stack([out["class_maps"][rf][0, i, j, c] for rf in RECEPTIVE_FIELDS]), out["logits"]
 
     jac, logits = compiled(jax.jacrev(picked, has_aux=True), x)(x)
@@ -159,8 +159,8 @@ def test_training_step_lowers_the_loss(model, variables):
     labels = jnp.asarray([0, 1, 2, 3])
 
     def loss(params):
-        out, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                 mutable=["batch_stats"])
+        (_, out), state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                      mutable=["batch_stats"])
         return training_loss(out, labels, label_smoothing=0.1), (out, state)
 
     loss_and_grad = compiled(jax.value_and_grad(loss, has_aux=True), variables["params"])
@@ -214,10 +214,10 @@ def test_bn_momentum_reaches_every_batchnorm(variables):
     batch reproduces train mode; a single layer left at the default momentum would break the equality."""
     model = anchornet(num_classes=NUM_CLASSES, bn_momentum=0.0)
     x = jax.random.normal(jax.random.key(2), (2, 112, 112, 3))
-    train_out, state = compiled(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
-                                variables, x)(variables, x)
+    (_, train_out), state = compiled(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                                     variables, x)(variables, x)
     updated = {"params": variables["params"], "batch_stats": state["batch_stats"]}
-    eval_out = compiled(lambda v, x: model.apply(v, x), updated, x)(updated, x)
+    _, eval_out = compiled(lambda v, x: model.apply(v, x), updated, x)(updated, x)
     for rf in RECEPTIVE_FIELDS:
         np.testing.assert_allclose(eval_out["logits"][rf], train_out["logits"][rf], rtol=2e-3, atol=2e-3)
 

@@ -52,7 +52,7 @@ class Converted:
         model = create_model(name, num_classes=NUM_CLASSES)
         # One compiled function per input shape gives both outputs, so the two BagNet tests share it.
         self.outputs = jax.jit(lambda v, x: {
-            "logits": model.apply(v, x, train=False),
+            "logits": model.apply(v, x, train=False)[0],
             **({"patch_logits": model.apply(v, x, train=False, method="patch_logits")} if name in BAGNETS else {})})
 
 

@@ -13,7 +13,7 @@ from bagjax.data import DatasetUnavailableError
 from bagjax.errors import PathNotFoundError, UserError
 from bagjax.training.checkpoints import ConfigChangedError, DiskFullError
 from bagjax.training.lock import WorkdirLockedError
-from bagjax.training.loop import NonFiniteLossError
+from bagjax.training.hooks import NonFiniteLossError
 from trainutil import ROOT, run_train
 
 # A config that plants a shape bug in the demo BagNet: a wrong reshape folds the classes into the patch axis, and

@@ -66,7 +66,7 @@ def model_outputs(pages):
     images = jnp.asarray(np.stack([pixels_of(r) for r in payload["images"]]))
     normalized = data.normalize(images)
     patch_logits = np.asarray(trained.model.apply(trained.variables, normalized, train=False, method="patch_logits"))
-    logits = np.asarray(trained.model.apply(trained.variables, normalized, train=False))
+    logits = np.asarray(trained.model.apply(trained.variables, normalized, train=False)[0])
     return trained, payload, patch_logits, logits
 
 
@@ -182,7 +182,7 @@ def test_the_page_in_a_browser(pages, model_outputs, browser, tmp_path):
     browser.find_element("id", "show-kept").click()
 
     # the blackout slider recomputes what bagjax computes for the same kept set
-    rf, stride = trained.model.receptive_field, trained.model.stride
+    rf, stride = patches.geometry(trained.model)
     for k in (0, 2, 6):
         browser.find_element("css selector", f"#gallery-items button[data-index='{k}']").click()
         logits = jnp.asarray(patch_logits[k])
@@ -289,7 +289,7 @@ def test_a_clipped_bagnet_embeds_its_clipped_evidence(pages, model_outputs, tmp_
     trained, payload, patch_logits, _ = model_outputs
     config = trained.config.copy_and_resolve_references()
     config.robust.clip = "cbn"
-    clipped = dataclasses.replace(trained, config=config)
+    clipped = dataclasses.replace(trained, config=config, model=trained.model.clone(clip="cbn"))
     examples = [explore.Example("a", pixels_of(payload["images"][0]))]
     record = page_data(explore.explore(pages, examples=examples, trained=clipped, out=tmp_path / "c.html",
                                        progress=False))["images"][0]

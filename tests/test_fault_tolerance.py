@@ -274,7 +274,7 @@ def test_an_empty_workdir_flag_and_a_workdirs_checkpoints_folder_are_refused(tmp
 
 
 def test_a_nonfinite_eval_loss_stops_the_run_without_saving(tmp_path):
-    from bagjax.training.loop import NonFiniteLossError, check_finite_eval
+    from bagjax.training.hooks import NonFiniteLossError, check_finite_eval
 
     check_finite_eval({"eval_loss": 1.2}, 4, tmp_path)
     with pytest.raises(NonFiniteLossError, match="non-finite eval loss at step 4"):

@@ -101,7 +101,7 @@ def test_fixed_matrices_are_not_parameters_gradients_or_optimizer_state(head, ke
     assert set(variables["params"]["head"]) == keys
 
     def loss(params):
-        return model.apply({**variables, "params": params}, x).sum()
+        return model.apply({**variables, "params": params}, x)[0].sum()
 
     grads = jax.jit(jax.grad(loss))(variables["params"])
     opt_state = optax.sgd(0.1, momentum=0.9).init(variables["params"])

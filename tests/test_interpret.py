@@ -47,7 +47,7 @@ def _bagnet(name, head):
 
 def _brute_force_heatmaps(model, variables, images, targets):
     """bethgelab generate_heatmap_pytorch: zero-pad by (rf-1)//2, run the model on every pixel's rf x rf patch."""
-    rf = model.receptive_field
+    rf = model.capabilities.receptive_field
     lo = (rf - 1) // 2
     batch, height, width, _ = images.shape
     padded = jnp.pad(images, ((0, 0), (lo, rf - 1 - lo), (lo, rf - 1 - lo), (0, 0)))
@@ -55,7 +55,7 @@ def _brute_force_heatmaps(model, variables, images, targets):
 
     def patch_logit(b, y, x):
         patch = jax.lax.dynamic_slice(padded, (b, y, x, 0), (1, rf, rf, 3))
-        return model.apply(variables, patch, train=False)[0, jnp.asarray(targets)[b]]
+        return model.apply(variables, patch, train=False)[0][0, jnp.asarray(targets)[b]]
 
     return jax.jit(jax.vmap(patch_logit))(b, y, x).reshape(batch, height, width)
 
@@ -105,7 +105,7 @@ def test_identity_head_cam_is_the_feature_channel_and_averages_to_the_logit(name
     model = create_model(name, num_classes=4, head="identity", width=8, stage_sizes=(1, 1, 1, 1))
     images = jax.random.normal(jax.random.key(4), (2, 64, 64, 3))
     variables = _random_variables(model)
-    features, logits = jax.jit(lambda v, x: (model.apply(v, x, method="features"), model.apply(v, x)))(
+    features, logits = jax.jit(lambda v, x: (model.apply(v, x, method="features"), model.apply(v, x)[0]))(
         variables, images)
     cams = interpret.class_activation_map(model, variables, images, [3, 1])
     np.testing.assert_allclose(cams, np.stack([features[0, ..., 3], features[1, ..., 1]]), atol=1e-6)
@@ -155,23 +155,23 @@ def test_plot_heatmap_clips_symmetrically_at_the_percentile():
 
 
 def test_train_py_heatmap_figure_shows_the_per_pixel_evidence_of_the_predicted_class(tmp_path):
-    """heatmaps.png as train.py writes it (``loop._write_heatmaps``, the code behind the README's demo figure), for
-    the demo model at its smoke size with random weights: each row's heatmap panel is red where the brute-force
+    """heatmaps.png as train.py writes it (``explore.write_run_figures``, the code behind the README's demo figure),
+    for the demo model at its smoke size with random weights: each row's heatmap panel is red where the brute-force
     per-pixel evidence (the reference's generate_heatmap_pytorch) of the model's predicted class is strongly
     positive and blue where it is strongly negative."""
-    from bagjax import data
+    from bagjax import data, explore
     from bagjax.models import build_model
-    from bagjax.training import loop
+    from bagjax.workdir import Trained
     from configs import demo
 
     config = demo.get_config("smoke")
     info = data.dataset_info(config)
     model = build_model(config, info.num_classes)
     variables = _random_variables(model, seed=1)
-    loop._write_heatmaps(config, model, variables, tmp_path, info.class_names)  # pylint: disable=protected-access
+    explore.write_run_figures(Trained(config, model, variables, tuple(info.class_names)), tmp_path)
     pixels = data.eval_batches(config, process_index=0, process_count=1).__iter__().__next__()["image"]
     images = jnp.asarray(np.stack([normalize(p) for p in pixels[:config.heatmap_images]]))
-    predicted = np.asarray(jnp.argmax(model.apply(variables, images, train=False), -1))
+    predicted = np.asarray(jnp.argmax(model.apply(variables, images, train=False)[0], -1))
     expected = np.asarray(_brute_force_heatmaps(model, variables, images, predicted))
     figure = figutil.read_figure(tmp_path / "heatmaps.png", (600, 300 * config.heatmap_images))
     for row, heatmap in enumerate(expected):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bagjax import patches
-from bagjax.models import HEADS, create_model, receptive_field
+from bagjax.models import HEADS, capabilities, create_model
 
 BAGNETS = {"bagnet9": (9, 27), "bagnet17": (17, 26), "bagnet33": (33, 24)}
 
@@ -31,7 +31,7 @@ def test_parameter_counts_at_1000_classes(name, expected):
 def test_grid_and_receptive_field_at_224(name):
     rf, grid = BAGNETS[name]
     model = create_model(name, num_classes=10)
-    assert receptive_field(name) == (rf, 8)
+    assert (capabilities(name).receptive_field, capabilities(name).stride) == (rf, 8)
     variables = init_shapes(model)
     x = jnp.zeros((2, 224, 224, 3))
     out = jax.eval_shape(lambda v: model.apply(v, x, method="patch_logits"), variables)
@@ -95,7 +95,7 @@ def test_image_logits_are_the_mean_of_independently_evaluated_patches_for_every_
     model = create_model(name, num_classes=6, head=head, width=4, stage_sizes=(1, 1, 1, 1))
     x = jax.random.normal(jax.random.key(2), (2, 57, 49, 3))
     variables = model.init(jax.random.key(0), x)
-    logits, single = jax.jit(lambda v: (model.apply(v, x), patches.per_patch_logits(model, v, x)))(variables)
+    logits, single = jax.jit(lambda v: (model.apply(v, x)[0], patches.per_patch_logits(model, v, x)))(variables)
     chex.assert_shape(logits, (2, 6))
     assert single.shape[1:3] == patches.grid_shape(model, 57, 49) and single.shape[1] * single.shape[2] > 1
     assert float(jnp.std(single.mean(axis=(1, 2)))) > 1e-3  # logits that differ, or the check means nothing
@@ -124,6 +124,31 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
     x = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
     variables = f32.init(jax.random.key(0), x)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf16.init(jax.random.key(0), x)))
-    low, high = jax.jit(bf16.apply)(variables, x), jax.jit(f32.apply)(variables, x)
+    (low, _), (high, _) = jax.jit(bf16.apply)(variables, x), jax.jit(f32.apply)(variables, x)
     assert low.dtype == jnp.float32
     np.testing.assert_allclose(low, high, atol=0.05 * float(jnp.abs(high).max()) + 1e-2)
+
+
+@pytest.mark.parametrize("name", ["bagnet9", "resnet50", "anchornet"])
+def test_every_model_returns_logits_and_aux_and_declares_its_capabilities(name):
+    """The model contract (bagjax.models.contract): ``(logits, aux)``, and every declared capability holds."""
+    kw = {} if name == "anchornet" else {"width": 4, "stage_sizes": (1, 1, 1, 1)}
+    model = create_model(name, num_classes=3, **kw)
+    caps = model.capabilities
+    x = jax.ShapeDtypeStruct((2, 120, 136, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    logits, aux = jax.eval_shape(model.apply, variables, x)
+    assert logits.shape == (2, 3) and set(aux) == ({"logits", "class_maps", "attention"} if caps.branches else set())
+    for rf in caps.branches:
+        assert aux["class_maps"][rf].shape[1:3] == ((120 - rf) // caps.stride + 1, (136 - rf) // caps.stride + 1)
+    assert (caps.receptive_field is None) == (name == "resnet50")
+    if caps.patch_logits:
+        assert jax.eval_shape(lambda v, x: model.apply(v, x, method="patch_logits"), variables, x).shape == \
+            (2, *caps.grid_shape(120, 136), 3)
+    if caps.features:
+        features = jax.eval_shape(lambda v, x: model.apply(v, x, method="features"), variables, x)
+        assert features.shape[-1] == caps.num_features
+    labels = jnp.zeros((2,), jnp.int32)
+    loss = jax.eval_shape(lambda v, x: caps.loss(*model.apply(v, x, train=True, mutable=["batch_stats"])[0], labels,
+                                                 label_smoothing=0.1, aux_weight=0.5), variables, x)
+    assert loss.shape == ()

@@ -41,4 +41,4 @@ def test_patch_boxes_and_extracted_patches_agree():
 
 def test_geometry_refuses_models_without_a_bounded_receptive_field():
     with pytest.raises(UserError, match="not a BagNet"):
-        patches.receptive_field(create_model("resnet50", num_classes=3))
+        patches.geometry(create_model("resnet50", num_classes=3))

@@ -16,7 +16,6 @@ from PIL import Image
 from bagjax import data
 from bagjax.models import create_model
 from bagjax.training import precise_bn
-from bagjax.training.loop import eval_logits
 from bagjax.training.state import TrainState
 from digits import write_digits_folder
 from trainutil import ROOT, read_metrics, restore_params, run_train, train_env
@@ -60,8 +59,8 @@ def test_precise_statistics_make_eval_mode_equal_train_mode_on_the_batch(name):
     @jax.jit
     def both(variables, images):
         images = data.normalize(images)
-        train, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        return eval_logits(name, model.apply(variables, images, train=False)), eval_logits(name, train)
+        (train, _), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return model.apply(variables, images, train=False)[0], train
 
     evaluated, trained = both(state.variables, batch["image"])
     assert float(jnp.abs(trained).max()) > 1e-2  # not trivially zero

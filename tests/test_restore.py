@@ -77,3 +77,41 @@ def test_no_step_restoring_stops_in_one_line_and_renames_nothing(workdir):
     assert "\n" not in message and all(f"step {s}:" in message for s in (1, 2, 3))
     assert "every step is left in place" in message
     assert checkpoint_steps(workdir) == [1, 2, 3] and not list((workdir / "checkpoints").glob("corrupt-*"))
+
+
+def test_opt_state_is_saved_by_name_and_a_checkpoint_of_the_unnamed_layout_still_restores(tmp_path, monkeypatch):
+    """The optimizer state is stored as named nested dicts that orbax reads without bagjax; a workdir written
+    before (``{"0": leaf, "1": ...}``, what main wrote until now: ``_legacy_flat``) resumes to the same state."""
+    import orbax.checkpoint as ocp
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones((4,))}
+    grads = jax.tree.map(lambda p: p * 0.5 + 1.0, params)
+    _, opt_state = tx.update(grads, tx.init(params), params)  # mu, nu and count not at their initial values
+    state = TrainState(step=jnp.asarray(7, jnp.int32), params=params, batch_stats={"mean": jnp.ones((2,))},
+                       opt_state=opt_state)
+
+    def save_and_restore(workdir):
+        ckpt = checkpoints.Checkpoints(workdir)
+        ckpt.save(state, force=True)
+        ckpt.wait()
+        ckpt.close()
+        ckpt = checkpoints.Checkpoints(workdir)
+        try:
+            return ckpt.restore_latest(jax.eval_shape(lambda: state), changed=[])
+        finally:
+            ckpt.close()
+
+    restored = save_and_restore(tmp_path / "named")
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "named" / "checkpoints" / "7" / "opt_state")
+    adam = saved["1"]["0"]  # chain(clip, adamw): adamw's first transformation is scale_by_adam
+    assert set(adam) == {"count", "mu", "nu"} and set(adam["mu"]) == {"w", "b"}
+    np.testing.assert_array_equal(adam["nu"]["w"], opt_state[1][0].nu["w"])
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints, "_named", checkpoints._legacy_flat)  # pylint: disable=protected-access
+        restored = save_and_restore(tmp_path / "unnamed")
+    assert set(ocp.StandardCheckpointer().restore(tmp_path / "unnamed" / "checkpoints" / "7" / "opt_state")) == \
+        {str(i) for i in range(len(jax.tree.leaves(opt_state)))}
+    jax.tree.map(np.testing.assert_array_equal, restored, state)

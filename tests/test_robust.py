@@ -15,7 +15,7 @@ import robust_reference
 from bagjax import attack, patches, robust
 from bagjax.errors import UserError
 from bagjax.experiments import patch_robustness
-from bagjax.models import create_model
+from bagjax.models import build_model, create_model
 from bagjax.workdir import load_trained
 from trainutil import ROOT, file_and_moved_workdir, train_env
 
@@ -60,7 +60,7 @@ def test_window_equals_the_gradient_support_of_a_patch_on_a_real_bagnet():
     images = jax.random.normal(jax.random.key(0), (3, size, size, 3))  # support: the union over three images
     variables = model.init(jax.random.key(1), images)
     gh, gw = patches.grid_shape(model, size, size)
-    rf, stride = patches.receptive_field(model)
+    rf, stride = patches.geometry(model)
     # d(sum over images and classes of the logit at (i, j)) / d(images), for every location at once
     jac = jax.jit(jax.jacrev(lambda x: model.apply(variables, x, method="patch_logits").sum((0, 3))))(images)
     assert jac.shape == (gh, gw, 3, size, size, 3)
@@ -292,7 +292,7 @@ def test_pgd_patch_attack_never_breaks_a_certified_image(smoke, defense, kwargs)
     images = jnp.concatenate([batch, batch[:, ::-1]])  # 16 images
     labels = jnp.zeros(len(images), jnp.int32)
     window = robust.window_shape(model, p, size, size)
-    rf, stride = patches.receptive_field(model)
+    rf, stride = patches.geometry(model)
 
     certify = jax.jit(lambda logits: robust.certify(logits, labels, defense, window, **dict(kwargs)))
 
@@ -416,5 +416,9 @@ def test_clip_training_option_trains_on_clipped_bagnet_logits(smoke):
     assert count == metrics["eval_count"] and metrics["eval_accuracy"] == pytest.approx(correct / count)
     config = trained.config.copy_and_resolve_references()
     config.robust.clip = "tanh"
-    with pytest.raises(ValueError, match="unknown clip"):
-        robust.apply_model(trained.model, trained.variables, batch["image"], config)
+    with pytest.raises(UserError, match="unknown clip"):
+        build_model(config, len(trained.class_names))
+    config.robust.clip = "cbn"
+    config.model = "resnet50"
+    with pytest.raises(UserError, match="robust.clip=''"):
+        build_model(config, len(trained.class_names))

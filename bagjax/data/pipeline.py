@@ -18,11 +18,12 @@ core, 0: in this process); each worker builds whole batches, in order.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import logging
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -310,3 +311,32 @@ def eval_batches(
     """
     dataset = eval_dataset(config, split=split, process_index=process_index, process_count=process_count)
     return iterate(dataset, min(num_workers(config), len(dataset)))
+
+
+class Counted(NamedTuple):
+    """An eval batch with each row's position in the split and whether it counts (``counted_eval_batches``)."""
+
+    batch: Batch
+    index: np.ndarray  # (B,) int32: the example's index in the split (padding rows continue the count)
+    valid: np.ndarray  # (B,) bool: a real example among the first ``total``
+
+
+def counted_eval_batches(config, total: int) -> Iterator[Counted]:
+    """The eval split in one process (``eval_batches``), up to its first ``total`` examples: the skeleton every
+    experiment shares (blackout, patch robustness, LSP). Stops at the first batch with nothing left to count."""
+    offset = 0
+    with contextlib.closing(eval_batches(config, process_index=0, process_count=1)) as batches:
+        for batch in batches:
+            b = len(batch["label"])
+            index = np.arange(offset, offset + b, dtype=np.int32)
+            valid = np.asarray(batch["mask"], bool) & (index < total)
+            offset += b
+            if not valid.any():
+                return
+            yield Counted(batch, index, valid)
+
+
+def eval_total(config, max_examples: int | None = None) -> int:
+    """How many eval examples an experiment counts: the split's size, or its first ``max_examples``."""
+    total = dataset_info(config).num_eval
+    return total if max_examples is None else min(total, max_examples)

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from bagjax.blackout import (COMPUTE_KEEPS, COMPUTE_MODELS, MODES, PAPER_DROPS, SWEEP_KEEPS,  # noqa: E402
                              compute_table, make_schemes, run_blackout)
-from bagjax.models import receptive_field  # noqa: E402
+from bagjax.models import capabilities  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
 from bagjax.errors import UserError  # noqa: E402
 
@@ -167,7 +167,7 @@ def check_args(args: argparse.Namespace) -> list:
             raise UserError(f"--compute-keeps must lie in [0, 1], got {bad}")
         if args.compute_batch < 1:
             raise UserError(f"--compute-batch must be at least 1 image, got {args.compute_batch}")
-        rf = max(receptive_field(name)[0] for name in COMPUTE_MODELS)
+        rf = max(capabilities(name).receptive_field for name in COMPUTE_MODELS)
         if args.compute_image_size < rf:
             raise UserError(f"--compute-image-size must be at least {rf} px (BagNet-33's receptive field), got "
                             f"{args.compute_image_size}")

@@ -144,10 +144,9 @@ def run_robustness(model, variables, config, sizes: Sequence[tuple[str, int]], d
     check_settings(defenses, clip_max=clip_max, threshold=threshold, max_examples=max_examples,
                    attack_examples=attack_examples, steps=steps, starts=starts, step_size=step_size,
                    locations=locations, num_locations=num_locations)
-    rf, stride = patches.receptive_field(model)
+    rf, stride = patches.geometry(model)
     size = int(config.image_size)
-    total = data.dataset_info(config).num_eval
-    total = total if max_examples is None else min(total, max_examples)
+    total = data.eval_total(config, max_examples)
     if total == 0:
         raise UserError("the eval split is empty: check config.data.eval_split")
     jobs = [(d, label, px, robust.window_shape(model, px, size, size)) for d in defenses for label, px in sizes]
@@ -155,16 +154,10 @@ def run_robustness(model, variables, config, sizes: Sequence[tuple[str, int]], d
                          violations=0, cert_s=0.0, attack_s=0.0, attack_images=0) for j in jobs}
     examples: dict[tuple, dict[str, Any]] = {}
     key = jax.random.key(seed)
-    offset = 0
     bar = tqdm.tqdm(total=total, desc="patch robustness", unit="img", dynamic_ncols=True, mininterval=1.0)
     try:
-        for batch in data.eval_batches(config, process_index=0, process_count=1):
+        for batch, index, valid in data.counted_eval_batches(config, total):
             b = len(batch["label"])
-            index = np.arange(offset, offset + b)
-            valid = np.asarray(batch["mask"], bool) & (index < total)
-            offset += b
-            if not valid.any():
-                break
             images = jax.jit(data.normalize)(batch["image"])  # uint8 to the device, normalized there
             labels = jnp.asarray(batch["label"], jnp.int32)
             patch_logits = _patch_logits(model, variables, images)
@@ -301,7 +294,7 @@ def plot_attacks(model, variables, examples: Sequence[dict[str, Any]], class_nam
 
     plt = report.pyplot()
     fig, axes = plt.subplots(len(examples), 4, figsize=(12, 3.1 * len(examples)), squeeze=False)
-    rf, stride = patches.receptive_field(model)
+    rf, stride = patches.geometry(model)
     for row, ex in zip(axes, examples):
         image, origin, px = ex["image"], ex["origin"], ex["patch_px"]
         attacked = np.asarray(attack.paste(jnp.asarray(image), jnp.asarray(ex["patch"]), jnp.asarray(origin)))
@@ -383,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_settings(defenses, **settings)
     out = cli.check_output_dir(args.out or pathlib.Path(args.workdir) / "robustness")
     trained = load_trained(args.workdir)
-    patches.receptive_field(trained.model)  # one-line error for a model that is not a BagNet
+    patches.geometry(trained.model)  # one-line error for a model that is not a BagNet
     sizes = parse_patch_sizes(args.patch_size, int(trained.config.image_size))
     clip = robust.parse_clip(args.clip or robust.config_clip(trained.config) or "cbn")
     cli.check_workdir_dataset(trained.config, args.workdir)

@@ -3,7 +3,8 @@
 Names: ``bagnet9``, ``bagnet17``, ``bagnet33`` (Brendel & Bethge 2019), ``resnet50`` (torchvision) and
 ``anchornet`` (Yang et al.). Heads: ``learned``, ``orthogonal``, ``orthogonal_hoffer``, ``hadamard``,
 ``identity`` (Qian 2020; Hoffer et al. 2018).
-``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters and logits stay float32.
+``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters and logits stay float32. Every model returns
+``(logits, aux)`` and declares its ``capabilities`` (``bagjax.models.contract``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bagjax.models.bagnet import KERNEL3, BagNet
+from bagjax.models.clip import config_clip, parse_clip
+from bagjax.models.contract import Capabilities
 from bagjax.models.heads import HEADS
 from bagjax.models.resnet import ResNet50
 from bagjax.errors import UserError
 
-__all__ = ["MODELS", "HEADS", "create_model", "build_model", "receptive_field", "is_bagnet"]
+__all__ = ["MODELS", "HEADS", "Capabilities", "create_model", "build_model", "capabilities"]
 
 
 def _anchornet(**kw: Any) -> nn.Module:
@@ -47,18 +50,19 @@ def create_model(name: str, *, num_classes: int, head: str = "learned", dtype: A
 
 
 def build_model(config: Any, num_classes: int) -> nn.Module:
-    """The model a training config describes (``model``, ``head``, ``dtype``, ``model_kwargs``), with ``num_classes``."""
-    return create_model(config.model, num_classes=num_classes, head=config.head, dtype=config.dtype,
-                        **dict(config.get("model_kwargs", {})))
+    """The model a training config describes (``model``, ``head``, ``dtype``, ``model_kwargs``), with ``num_classes``;
+    ``robust.clip`` makes a model with patch logits aggregate them as Clipped BagNet (``bagjax.models.clip``)."""
+    model = create_model(config.model, num_classes=num_classes, head=config.head, dtype=config.dtype,
+                         **dict(config.get("model_kwargs", {})))
+    clip = config_clip(config)
+    if not clip:
+        return model
+    if not model.capabilities.patch_logits:
+        raise UserError(f"config.robust.clip={clip!r} clips patch logits and needs a BagNet, not {config.model}: "
+                        "set config.robust.clip=''")
+    return model.clone(clip=parse_clip(clip).name)  # an unknown spec is refused here, before anything compiles
 
 
-def is_bagnet(name: str) -> bool:
-    return name in KERNEL3
-
-
-def receptive_field(name: str, **kw: Any) -> tuple[int, int]:
-    """(receptive field, stride) in input pixels of a BagNet; AnchorNet's largest branch for ``anchornet``."""
-    model = create_model(name, num_classes=1, **kw)
-    if hasattr(model, "receptive_field"):
-        return model.receptive_field, model.stride
-    raise UserError(f"{name!r} has no bounded receptive field; BagNets and AnchorNet do")
+def capabilities(name: str, **kw: Any) -> Capabilities:
+    """The declared capabilities of a registered model (``receptive_field``, ``stride``, ...)."""
+    return create_model(name, num_classes=1, **kw).capabilities

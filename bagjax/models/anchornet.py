@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bagjax.models import contract
 from bagjax.models.layers import BN_MOMENTUM, SE_SIZES, Bneck, ConvBN
 from bagjax.errors import UserError
 
@@ -98,7 +99,7 @@ small_init = nn.initializers.normal(0.01)
 
 def grid_size(size: int, rf: int) -> int:
     """Locations along one axis for ``size`` input pixels (section 3.1: floor((size - rf) / 8) + 1)."""
-    return (size - rf) // STRIDE + 1
+    return contract.grid_size(size, rf, STRIDE)
 
 
 def pool_logits(class_maps: jax.Array, attention: jax.Array, pooling: str = "sum") -> jax.Array:
@@ -168,9 +169,10 @@ class LocalizationBranch(nn.Module):
 class AnchorNet(nn.Module):
     """Three-branch AnchorNet (Figure 2, Tables 1 and 2).
 
-    ``apply(variables, x, train=False)`` returns ``{'logits': {rf: (B, C)}, 'class_maps': {rf: (B, H, W, C)},
-    'attention': {rf: (B, H, W)}}`` for rf in ``RECEPTIVE_FIELDS``; ``train=True`` (with
-    ``mutable=['batch_stats']``) adds ``'aux_logits': {rf: (B, C)}``. Inputs are NHWC, at least 111 px a side.
+    ``apply(variables, x, train=False)`` returns ``(image_logits(aux), aux)`` (``bagjax.models.contract``) with
+    ``aux = {'logits': {rf: (B, C)}, 'class_maps': {rf: (B, H, W, C)}, 'attention': {rf: (B, H, W)}}`` for rf in
+    ``RECEPTIVE_FIELDS``; ``train=True`` (with ``mutable=['batch_stats']``) adds ``'aux_logits': {rf: (B, C)}``.
+    Inputs are NHWC, at least 111 px a side.
     """
 
     num_classes: int
@@ -178,6 +180,11 @@ class AnchorNet(nn.Module):
     bn_momentum: float = BN_MOMENTUM
     dtype: jnp.dtype = jnp.float32
     se_size: str = SE_SIZE
+
+    # Bounded by its largest branch, which is also the smallest input side it takes (section 3.1); the branch
+    # maps are in aux, and its loss supervises every branch (section 3.2).
+    capabilities = contract.Capabilities(receptive_field=MIN_INPUT, stride=STRIDE, branches=RECEPTIVE_FIELDS,
+                                         loss=lambda logits, aux, labels, **kw: training_loss(aux, labels, **kw))
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -189,17 +196,8 @@ class AnchorNet(nn.Module):
                             f"running average); got {self.bn_momentum}")
         super().__post_init__()
 
-    @property
-    def receptive_field(self) -> int:
-        """The largest branch's receptive field, hence the smallest input side AnchorNet takes (section 3.1)."""
-        return MIN_INPUT
-
-    @property
-    def stride(self) -> int:
-        return STRIDE
-
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, dict[int, jax.Array]]:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, dict[int, jax.Array]]]:
         if x.ndim != 4 or x.shape[1] < MIN_INPUT or x.shape[2] < MIN_INPUT:  # each side (symbolic sizes too)
             raise UserError(f"AnchorNet needs NHWC images of at least {MIN_INPUT}x{MIN_INPUT} px "
                             f"(its largest receptive field); got shape {tuple(x.shape)}")
@@ -214,7 +212,7 @@ class AnchorNet(nn.Module):
                                         self.se_size, name=f"branch{rf}")(h, train)
             for key, value in branch.items():
                 outputs.setdefault(key, {})[rf] = value
-        return outputs
+        return image_logits(outputs), outputs
 
 
 def anchornet(*, num_classes: int, head: str = "learned", dtype: Any = jnp.float32, **kw: Any) -> AnchorNet:

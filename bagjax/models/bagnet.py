@@ -15,11 +15,14 @@ PyTorch's ``nn.Linear`` default (``bagjax.models.initializers``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bagjax.models.clip import clipped_logits, parse_clip
+from bagjax.models import contract
+from bagjax.models.contract import Capabilities
 from bagjax.models.heads import Head, check_head
 from bagjax.models.resnet import Bottleneck, conv, norm, stage_plan, torch_momentum
 from bagjax.errors import UserError
@@ -33,7 +36,10 @@ STEM_BN_MOMENTUM = 0.001
 
 def receptive_field(kernel3: Sequence[int], stage_sizes: Sequence[int] = (3, 4, 6, 3),
                     strides: Sequence[int] = STAGE_STRIDES) -> tuple[int, int]:
-    """(rf, stride) in input pixels, walking the conv chain: 3x3 stem, then each block's middle conv."""
+    """(rf, stride) in input pixels, walking the conv chain: 3x3 stem, then each block's middle conv.
+
+    The one definition of a BagNet's geometry; ``BagNet.capabilities`` declares it and everything else asks there.
+    """
     rf, jump = 3, 1
     for _, _, _, stride, kernel in stage_plan(stage_sizes, strides, kernel3):
         rf += (kernel - 1) * jump
@@ -41,22 +47,20 @@ def receptive_field(kernel3: Sequence[int], stage_sizes: Sequence[int] = (3, 4, 
     return rf, jump
 
 
-def grid_size(size: int, kernel3: Sequence[int], stage_sizes: Sequence[int] = (3, 4, 6, 3),
-              strides: Sequence[int] = STAGE_STRIDES) -> int:
+def grid_size(size: int, kernel3: Sequence[int], stage_sizes: Sequence[int] = (3, 4, 6, 3)) -> int:
     """Number of output locations along one axis of ``size`` input pixels (unpadded conv arithmetic)."""
-    size -= 2  # 3x3 stem conv
-    for _, _, _, stride, kernel in stage_plan(stage_sizes, strides, kernel3):
-        size = (size - kernel) // stride + 1
-    return size
+    return contract.grid_size(size, *receptive_field(kernel3, stage_sizes))
 
 
 class BagNet(nn.Module):
     """BagNet with a classifier head applied at every location.
 
-    ``__call__`` returns image logits ``(B, C)``; ``patch_logits`` returns ``(B, H', W', C)``, whose spatial
-    mean the image logits are (for every head). ``width`` and ``stage_sizes`` shrink the network for
-    demos; the defaults are the paper's. ``bn_momentum`` (Flax convention) sets every BatchNorm's momentum;
-    None keeps the official ones (stem 0.999, blocks 0.9 in Flax terms).
+    ``__call__`` returns ``(logits, {})`` (``bagjax.models.contract``) with image logits ``(B, C)``;
+    ``patch_logits`` returns ``(B, H', W', C)``, whose spatial mean the image logits are (for every head).
+    ``width`` and ``stage_sizes`` shrink the network for demos; the defaults are the paper's. ``bn_momentum``
+    (Flax convention) sets every BatchNorm's momentum; None keeps the official ones (stem 0.999, blocks 0.9 in
+    Flax terms). ``clip`` (a ``bagjax.models.clip.parse_clip`` spec) makes the image logits Clipped BagNet's,
+    the mean of the clipped patch logits.
     """
 
     kernel3: Sequence[int]
@@ -67,18 +71,13 @@ class BagNet(nn.Module):
     identity_expand: bool = False
     dtype: jnp.dtype = jnp.float32
     bn_momentum: float | None = None
+    clip: str = ""
 
     @property
-    def receptive_field(self) -> int:
-        return receptive_field(self.kernel3, self.stage_sizes)[0]
-
-    @property
-    def stride(self) -> int:
-        return receptive_field(self.kernel3, self.stage_sizes)[1]
-
-    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
-        """The patch grid ``(H', W')`` for an input of ``height x width`` pixels."""
-        return grid_size(height, self.kernel3, self.stage_sizes), grid_size(width, self.kernel3, self.stage_sizes)
+    def capabilities(self) -> Capabilities:
+        rf, stride = receptive_field(self.kernel3, self.stage_sizes)
+        return Capabilities(patch_logits=True, features=True, receptive_field=rf, stride=stride,
+                            head=self.head, num_features=self.num_features)
 
     @property
     def num_features(self) -> int:
@@ -93,9 +92,9 @@ class BagNet(nn.Module):
         return self(x, train, output="patch_logits")
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, output: str = "logits") -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, output: str = "logits") -> Any:
         check_head(self.head, self.num_classes, self.num_features)
-        rf = self.receptive_field
+        rf = self.capabilities.receptive_field
         if x.ndim != 4 or x.shape[1] < rf or x.shape[2] < rf:
             raise UserError(f"BagNet-{rf} needs NHWC images of at least {rf}x{rf} px (its receptive field), "
                             f"got shape {tuple(x.shape)}: use a larger image_size")
@@ -116,4 +115,6 @@ class BagNet(nn.Module):
         patch_logits = Head(self.head, self.num_classes, self.dtype, name="head")(x)
         if output == "patch_logits":
             return patch_logits
-        return jnp.mean(patch_logits, axis=(1, 2))
+        if self.clip:
+            return clipped_logits(patch_logits, parse_clip(self.clip)), {}
+        return jnp.mean(patch_logits, axis=(1, 2)), {}

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bagjax.models.contract import Capabilities
 from bagjax.models.heads import Head, check_head
 from bagjax.models.initializers import he_normal_fan_out, torch_default_bias, torch_default_kernel
 
@@ -115,8 +116,9 @@ def stage_plan(stage_sizes: Sequence[int], stage_strides: Sequence[int], kernel3
 class ResNet50(nn.Module):
     """torchvision ResNet-50: 7x7/2 conv, 3x3/2 max-pool, bottlenecks [3, 4, 6, 3], GAP, head.
 
-    The head acts on the pooled 2048-d feature (thesis 3.1, Eq. 3.2-3.3). ``bn_momentum`` (Flax convention)
-    sets every BatchNorm's momentum; None keeps torchvision's (0.9 in Flax terms).
+    ``__call__`` returns ``(logits, {})`` (``bagjax.models.contract``). The head acts on the pooled 2048-d
+    feature (thesis 3.1, Eq. 3.2-3.3). ``bn_momentum`` (Flax convention) sets every BatchNorm's momentum; None
+    keeps torchvision's (0.9 in Flax terms).
     """
 
     num_classes: int
@@ -131,12 +133,17 @@ class ResNet50(nn.Module):
     def num_features(self) -> int:
         return self.num_classes if self.identity_expand else self.width * 8 * 4
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """Padded convs and global pooling: no bounded receptive field, no patch logits; a CAM from its features."""
+        return Capabilities(features=True, head=self.head, num_features=self.num_features)
+
     def features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """The last block's feature map ``(B, H/32, W/32, n_c)``."""
         return self(x, train, output="features")
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, output: str = "logits") -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, output: str = "logits") -> Any:
         check_head(self.head, self.num_classes, self.num_features)
         x = x.astype(self.dtype)
         x = conv(self.dtype)(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
@@ -152,4 +159,4 @@ class ResNet50(nn.Module):
         if output == "features":
             return x
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return Head(self.head, self.num_classes, self.dtype, name="head")(pooled)
+        return Head(self.head, self.num_classes, self.dtype, name="head")(pooled), {}

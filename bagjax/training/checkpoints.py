@@ -1,7 +1,9 @@
 """Orbax checkpoints of the train state: periodic, last-N plus best-N, resume, and inference loading.
 
-A checkpoint has four items, ``step``, ``params``, ``batch_stats`` and ``opt_state`` (the optimizer state as
-its flat list of leaves, which survives any optax structure), so inference restores only what it needs.
+A checkpoint has four items, ``step``, ``params``, ``batch_stats`` and ``opt_state``, so inference restores only
+what it needs. ``opt_state`` is the optax state as nested dicts named by its pytree path (``_named``: the chain
+index, optax's field names such as ``mu`` and ``nu``, then the parameter names), which orbax's own tools can read
+and load in part; checkpoints written before (``{"0": leaf, "1": ...}``, the leaves in order) still restore.
 Orbax writes each step to a temporary directory and renames it when complete, so a step that a kill
 interrupted is never taken as the latest; a step that is on disk but unreadable is skipped with a warning.
 
@@ -80,8 +82,50 @@ def quiet_orbax():
             lg.setLevel(level)
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def _key_name(key: Any) -> str:
+    """A pytree path entry as a name: a dict key, a NamedTuple field (optax states) or a sequence index."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    return str(key)
+
+
+def _named(tree: Any) -> dict[str, Any]:
+    """The leaves of ``tree`` as nested dicts keyed by their path names, e.g. ``{'1': {'mu': {'head': ...}}}``."""
+    out: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        *parents, last = [_key_name(k) for k in path] or ["value"]
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[last] = leaf
+    return out
+
+
+def _from_named(like: Any, named: dict[str, Any]) -> Any:
+    """``like``'s structure filled with the leaves of ``named`` (``_named``'s inverse)."""
+    def lookup(path):
+        node = named
+        for name in [_key_name(k) for k in path] or ["value"]:
+            node = node[name]
+        return node
+
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree.unflatten(treedef, [lookup(path) for path, _ in paths])
+
+
+def _legacy_flat(tree: Any) -> dict[str, Any]:
+    """The layout of ``opt_state`` in checkpoints written before it had names: the leaves in order."""
     return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def _is_legacy(saved_opt_state: Any) -> bool:
+    """Whether a step's ``opt_state`` (its metadata tree) has the unnamed ``{"0": leaf, ...}`` layout."""
+    return isinstance(saved_opt_state, dict) and bool(saved_opt_state) and all(
+        k.isdigit() and not isinstance(v, dict) for k, v in saved_opt_state.items())
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -91,7 +135,7 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def _items(state: TrainState) -> dict[str, Any]:
     return {"step": {"step": state.step}, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": _flat(state.opt_state)}
+            "opt_state": _named(state.opt_state)}
 
 
 class Checkpoints:
@@ -154,12 +198,12 @@ class Checkpoints:
         flaky file system, an orbax upgrade), or no step restoring at all, stops with CheckpointRestoreError and
         leaves every step in place: a systemic failure must not rename a workdir's every step.
         """
-        target = _items(abstract_state)
         steps = self.all_steps()
         damaged: list[tuple[int, str]] = []
         for step in reversed(steps):
             try:
                 with quiet_orbax():
+                    target = self._target(step, abstract_state)
                     self._check_fits(step, target, changed)
                     restored = self.manager.restore(
                         step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
@@ -179,8 +223,11 @@ class Checkpoints:
                     aside = self._set_aside(bad)
                 print(f"warning: checkpoint step {bad} is corrupt or incomplete ({reason}; moved to {aside}), "
                       f"resuming from step {step}", flush=True)
-            opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
-            opt_state = jax.tree.unflatten(jax.tree.structure(abstract_state.opt_state), opt_leaves)
+            if _is_legacy(target["opt_state"]):
+                opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
+                opt_state = jax.tree.unflatten(jax.tree.structure(abstract_state.opt_state), opt_leaves)
+            else:
+                opt_state = _from_named(abstract_state.opt_state, restored["opt_state"])
             return TrainState(step=restored["step"]["step"], params=restored["params"],
                               batch_stats=restored["batch_stats"], opt_state=opt_state)
         if damaged:
@@ -190,6 +237,17 @@ class Checkpoints:
                 + "): every step is left in place; restore them from a backup, or move the checkpoints/ folder "
                 "away to train from scratch")
         return None
+
+    def _target(self, step: int, abstract_state: TrainState) -> dict[str, Any]:
+        """What to restore ``step`` onto: ``_items``, with ``opt_state`` in the layout the step was written in."""
+        target = _items(abstract_state)
+        try:
+            saved = self.manager.item_metadata(step)["opt_state"]
+        except Exception:  # unreadable metadata: restore will fail and the step is set aside as corrupt
+            return target
+        if _is_legacy(getattr(saved, "tree", saved)):
+            target["opt_state"] = _legacy_flat(abstract_state.opt_state)
+        return target
 
     def _check_fits(self, step: int, target: dict[str, Any], changed: list[str] | None) -> None:
         """Raise ConfigChangedError if a step holds another model because the config changed, _Damaged if it does

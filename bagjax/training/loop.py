@@ -9,13 +9,14 @@ user can get wrong is checked before anything is compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import pathlib
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -26,61 +27,17 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from bagjax import cli, data, robust
+from bagjax import cli, data
 from bagjax.data import fingerprint
-from bagjax.models import build_model, is_bagnet
-from bagjax.training import checkpoints, checks, optim, precise_bn, sharding
+from bagjax.models import build_model
+from bagjax.models.contract import cross_entropy
+from bagjax.training import checkpoints, checks, hooks, optim, precise_bn, sharding
 from bagjax.training.checkpoints import write_dataset_info
 from bagjax.training.lock import lock_workdir
 from bagjax.training.metrics import MetricWriter
 from bagjax.training.state import TrainState
+from bagjax.workdir import Trained
 from bagjax.errors import PathNotFoundError, PathNotWritableError, UserError
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """The loss or the gradients stopped being finite."""
-
-
-def check_finite_eval(eval_metrics: dict[str, float], step: int, directory: pathlib.Path,
-                      skip_nonfinite: bool = False) -> None:
-    """The NaN guard of eval: a model whose eval loss is not finite is reported, not saved (with
-    ``skip_nonfinite_updates`` the run goes on, with a warning)."""
-    if math.isfinite(eval_metrics["eval_loss"]):
-        return
-    if skip_nonfinite:
-        print(f"warning: non-finite eval loss at step {step} (skip_nonfinite_updates=True: going on)", flush=True)
-    else:
-        raise NonFiniteLossError(
-            f"non-finite eval loss at step {step}: stopped without saving it; the last good checkpoint is kept in "
-            f"{directory}. Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or set "
-            "skip_nonfinite_updates=True")
-
-
-# ----------------------------------------------------------------------------------------------- loss
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with optional label smoothing."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing) \
-        if label_smoothing else jax.nn.one_hot(labels, logits.shape[-1])
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def loss_and_logits(model_name: str, outputs: Any, labels: jax.Array, config: ml_collections.ConfigDict):
-    """Mean training loss and the image logits of a model's outputs (AnchorNet returns a dict)."""
-    if model_name == "anchornet":
-        from bagjax.models import anchornet
-
-        loss = anchornet.training_loss(outputs, labels, aux_weight=config.aux_loss_weight,
-                                       label_smoothing=config.label_smoothing)
-        return loss, anchornet.image_logits(outputs)
-    return cross_entropy(outputs, labels, config.label_smoothing).mean(), outputs
-
-
-def eval_logits(model_name: str, outputs: Any) -> jax.Array:
-    if model_name == "anchornet":
-        from bagjax.models import anchornet
-
-        return anchornet.image_logits(outputs)
-    return outputs
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -93,12 +50,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         if train_bn:
-            outputs, updates = robust.apply_model(model, variables, images, config, train=True,
-                                                  mutable=["batch_stats"])
+            (logits, aux), updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
         else:
-            outputs = robust.apply_model(model, variables, images, config, train=False)
-            updates = {"batch_stats": state.batch_stats}
-        loss, logits = loss_and_logits(config.model, outputs, batch["label"], config)
+            (logits, aux), updates = model.apply(variables, images, train=False), {"batch_stats": state.batch_stats}
+        loss = model.capabilities.loss(logits, aux, batch["label"], label_smoothing=config.label_smoothing,
+                                       aux_weight=config.aux_loss_weight)
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -113,11 +69,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
     """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch."""
-    logits = eval_logits(config.model, robust.apply_model(model, state.variables, data.normalize(batch["image"]), config,
-                                                          train=False))
+    logits, _ = model.apply(state.variables, data.normalize(batch["image"]), train=False)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -136,11 +90,11 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
             raise UserError(f"{key}={config[key]} is not divisible by the {n} devices: "
                             f"use a multiple of {n}, e.g. --config.{key}={max(n, config[key] // n * n)}")
     model = build_model(config, num_classes)
-    rf = getattr(model, "receptive_field", None)
+    rf = model.capabilities.receptive_field
     if rf is not None and config.image_size < rf:
         raise UserError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
                         f"use --config.image_size={rf} or larger")
-    features = getattr(model, "num_features", None)
+    features = model.capabilities.num_features
     if config.head == "identity" and features is not None and num_classes > features:
         raise UserError(f"the identity head needs num_classes <= {features} feature channels, got {num_classes}: "
                         "use --config.head=learned or --config.model_kwargs.identity_expand=True")
@@ -236,12 +190,264 @@ def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[
     return jax.tree_util.tree_map_with_path(pick, init), kept
 
 
-# ----------------------------------------------------------------------------------------------- loop
+# ----------------------------------------------------------------------------------------------- the run
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_finish: Sequence[Callable[[Trained, pathlib.Path], None]] = ()) -> dict[str, float]:
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and return the final eval metrics.
+
+    A run stopped by SIGTERM or SIGINT returns the metrics it has with ``preempted=True`` and ``signal`` after
+    checkpointing. Every config value is checked, then the workdir is locked (bagjax.training.lock), before
+    anything is written or compiled. ``on_finish`` hooks get the trained model and the workdir at the end, on
+    every process (train.py passes the heatmap figure and page, ``bagjax.explore.write_run_figures``).
+    """
+    checks.check_workdir_arg(workdir)
+    checks.check_values(config)
+    workdir = pathlib.Path(workdir)
+    maybe_initialize_distributed(config)
+    info = data.dataset_info(config)
+    checks.check_splits(config, info.num_train, info.num_eval)
+    num_classes = info.num_classes if config.num_classes <= 0 else config.num_classes
+    if num_classes < info.num_classes:
+        raise UserError(f"num_classes={num_classes} but the dataset has {info.num_classes} classes: "
+                        f"use --config.num_classes={info.num_classes} (or -1 to take it from the data)")
+    check_config(config, workdir, num_classes)
+    lock = lock_workdir(workdir, is_main=jax.process_index() == 0, process_count=jax.process_count())
+    try:
+        return _train(config, workdir, info, num_classes, on_finish)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.DatasetInfo, num_classes: int,
+           on_finish: Sequence[Callable[[Trained, pathlib.Path], None]]) -> dict[str, float]:
+    """The run itself, once every check passed and the workdir is locked."""
+    is_main = jax.process_index() == 0
+    verdict = check_data(config, workdir, info, is_main)  # before anything is restored or written
+    steps_per_epoch, total_steps, eval_every = _steps(config, info)
+    mesh = sharding.make_mesh()
+    model = build_model(config, num_classes)
+    ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
+    state, state_sharding, tx = create_train_state(config, model, mesh, ckpt, workdir, steps_per_epoch, total_steps)
+    if is_main:  # only now: a run refused above must not overwrite the workdir's record of its config
+        checkpoints.write_config(workdir, config)
+        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval, info.fingerprint)
+    steps = compile_steps(config, model, tx, mesh, state_sharding)
+    evaluators = Evaluators(precise_bn=hooks.PreciseBN(config, mesh, steps.bn_accumulate, is_main),
+                            evaluate=functools.partial(evaluate, steps.eval, config=config, mesh=mesh),
+                            guard=hooks.BNGuard(config, mesh, steps.guard, info.num_eval, is_main))
+    start_step = int(jax.device_get(state.step))
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+    if verdict.changed:
+        writer.note(start_step, {"data_changed": verdict.line})
+    cli.raise_if_interrupted()  # a SIGTERM/SIGINT during start-up: one line, nothing written yet to lose
+    state, eval_metrics = train_loop(config, state, steps.train, evaluators, ckpt, writer, mesh,
+                                     start_step=start_step, total_steps=total_steps, eval_every=eval_every)
+    if eval_metrics.get("preempted"):
+        return eval_metrics
+    if not eval_metrics:  # resumed at the end: evaluate what was restored (its statistics are already precise)
+        eval_metrics = {**evaluators.evaluate(state), **evaluators.guard(state)}
+    trained = Trained(config, model, state.variables, tuple(info.class_names))
+    for hook in on_finish:
+        hook(trained, workdir)
+    print_final(eval_metrics)
+    return eval_metrics
+
+
+def check_data(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.DatasetInfo,
+               is_main: bool = True) -> fingerprint.Verdict:
+    """A resume on other data than the workdir's checkpoints were trained on is refused (bagjax.data.fingerprint);
+    what was skipped or changed is printed."""
+    if info.num_skipped:
+        print(f"data: skipped {info.num_skipped} unreadable image(s)", flush=True)
+    if not checkpoints.finished_steps(workdir) or info.fingerprint is None:
+        return fingerprint.Verdict(None)  # a new run: nothing to compare with
+    verdict = fingerprint.check(checkpoints.saved_fingerprint(workdir), info.fingerprint, str(workdir),
+                                allow_changed=bool(config.data.get("allow_changed_data", False)))
+    if verdict.line and is_main:
+        print(verdict.line, flush=True)
+    return verdict
+
+
 def _steps(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> tuple[int, int, int]:
     steps_per_epoch = max(info.num_train // config.batch_size, 1)
     total = config.total_steps if config.total_steps > 0 else int(math.ceil(config.num_epochs * steps_per_epoch))
     every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
     return steps_per_epoch, total, every
+
+
+# ----------------------------------------------------------------------------------------------- state
+def init_variables(rng: jax.Array, *, model: nn.Module, image_size: int) -> dict[str, Any]:
+    """Fresh ``params`` and ``batch_stats`` (empty for a model without BatchNorm)."""
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def init_state(variables: dict[str, Any], *, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: Any,
+                       ckpt: checkpoints.Checkpoints, workdir: pathlib.Path, steps_per_epoch: int,
+                       total_steps: int) -> tuple[TrainState, Any, optax.GradientTransformation]:
+    """The state to train, created sharded (never whole on one device): the workdir's latest checkpoint if it
+    has one, else fresh weights (or ``init_from``'s); with its shardings and the optimizer."""
+    init = functools.partial(init_variables, model=model, image_size=config.image_size)
+    abstract_vars = jax.eval_shape(init, jax.random.key(config.seed))
+    tx = optim.make_optimizer(config, abstract_vars["params"], steps_per_epoch, total_steps)
+    make_state = functools.partial(init_state, tx=tx)
+    abstract_state = jax.eval_shape(make_state, abstract_vars)
+    state_sharding = sharding.state_shardings(abstract_state, mesh, config.fsdp)
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, state_sharding)
+    state = ckpt.restore_latest(abstract_sharded, checkpoints.changed_keys(workdir, config))
+    if state is not None:
+        print(f"resuming from step {int(state.step)} in {ckpt.directory}", flush=True)
+        return state, state_sharding, tx
+    var_sharding = {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats}
+    variables = jax.jit(init, out_shardings=var_sharding)(jax.random.key(config.seed))
+    if config.init_from:
+        pretrained, source = load_pretrained(config.init_from)
+        variables, reinit = merge_pretrained(variables, pretrained)
+        print(f"initialised from {source}" + (f"; new head ({len(reinit)} arrays)" if reinit else ""), flush=True)
+    return jax.jit(make_state, out_shardings=state_sharding)(variables), state_sharding, tx
+
+
+# ----------------------------------------------------------------------------------------------- compiled steps
+class Steps(NamedTuple):
+    """The jitted functions of a run, with the state's and the batch's shardings (compiled on first call)."""
+
+    train: Callable
+    eval: Callable
+    bn_accumulate: Callable
+    guard: Callable
+
+
+def compile_steps(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Any,
+                  state_sharding: Any) -> Steps:
+    """``train_step`` (donating the old state), ``eval_step``, precise BN's accumulation and the BN guard's step."""
+    batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    return Steps(
+        train=jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+                      in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
+                      donate_argnums=0),
+        eval=jax.jit(functools.partial(eval_step, model=model), in_shardings=(state_sharding, batch),
+                     out_shardings=replicated),
+        bn_accumulate=jax.jit(functools.partial(precise_bn.accumulate, model=model,
+                                                num_batches=config.precise_bn.num_batches),
+                              in_shardings=(state_sharding.batch_stats, state_sharding, batch),
+                              out_shardings=state_sharding.batch_stats, donate_argnums=0),
+        guard=jax.jit(functools.partial(precise_bn.guard_step, model=model), in_shardings=(state_sharding, batch),
+                      out_shardings=replicated))
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+@dataclasses.dataclass(frozen=True)
+class Evaluators:
+    """What an eval point runs (big_vision's evaluators): precise BN, the eval split, and at the end the BN guard."""
+
+    precise_bn: Callable[[TrainState, int], tuple[TrainState, dict[str, float]]]
+    evaluate: Callable[[TrainState], dict[str, float]]
+    guard: Callable[[TrainState], dict[str, float]]
+
+
+def train_loop(config: ml_collections.ConfigDict, state: TrainState, p_train_step: Callable, evaluators: Evaluators,
+               ckpt: checkpoints.Checkpoints, writer: MetricWriter, mesh: Any, *, start_step: int, total_steps: int,
+               eval_every: int) -> tuple[TrainState, dict[str, float]]:
+    """Steps ``start_step + 1 .. total_steps``: log, evaluate and checkpoint on schedule, checkpoint and stop on
+    SIGTERM/SIGINT. Returns the state and the last eval metrics (``preempted`` and ``signal`` when stopped)."""
+    is_main = jax.process_index() == 0
+    finite = hooks.FiniteCheck(config.skip_nonfinite_updates, ckpt.directory)
+    preemption = _Preemption()
+    eval_metrics: dict[str, float] = {}
+    batches: Iterator[dict[str, np.ndarray]] = data.train_batches(config, start_step=start_step)
+    bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not is_main, mininterval=1.0)
+    try:
+        rate = _Rate(start_step, config.batch_size)
+        for step in range(start_step + 1, total_steps + 1):
+            state, metrics = p_train_step(state, sharding.global_batch(next(batches), mesh))
+            finite.add(step, metrics["finite"])
+            if step % config.log_every_steps == 0 or step == total_steps:
+                finite.check()
+                log_train(writer, bar, step, jax.device_get(metrics), rate(step))
+            bar.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                finite.check()
+                state, eval_metrics = eval_point(state, step, evaluators, config, ckpt.directory,
+                                                 final=step == total_steps)
+                writer.write(step, eval_metrics)
+                ckpt.save(state, {"eval_accuracy": eval_metrics["eval_accuracy"]}, force=True)
+            elif step % config.checkpoint_every_steps == 0:
+                finite.check()
+                ckpt.save(state)
+            if preemption.agreed():
+                finite.check()
+                return state, stop_on_signal(state, ckpt, step, preemption.signum, eval_metrics)
+        ckpt.wait()
+    finally:
+        batches.close()  # a generator (data.train_batches): stops the input workers now
+        bar.close()
+        preemption.restore()
+        writer.close()
+        ckpt.wait()
+        ckpt.close()
+    return state, eval_metrics
+
+
+class _Rate:
+    """Images per second since the last call (the loop's throughput line)."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.time, self.step, self.batch_size = time.perf_counter(), step, batch_size
+
+    def __call__(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) * self.batch_size / max(now - self.time, 1e-9)
+        self.time, self.step = now, step
+        return rate
+
+
+def log_train(writer: MetricWriter, bar: tqdm.tqdm, step: int, metrics: dict[str, Any], rate: float) -> None:
+    writer.write(step, {"train_loss": float(metrics["loss"]), "train_accuracy": float(metrics["accuracy"]),
+                        "images_per_sec": rate})
+    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.1f}")
+
+
+def eval_point(state: TrainState, step: int, evaluators: Evaluators, config: ml_collections.ConfigDict,
+               directory: pathlib.Path, final: bool) -> tuple[TrainState, dict[str, float]]:
+    """Precise BN, then the eval split (refused if not finite), then, at the last step, the BN guard."""
+    state, bn_cost = evaluators.precise_bn(state, step)
+    eval_metrics = {**evaluators.evaluate(state), **bn_cost}
+    hooks.check_finite_eval(eval_metrics, step, directory, config.skip_nonfinite_updates)
+    if final:
+        eval_metrics.update(evaluators.guard(state))
+    return state, eval_metrics
+
+
+def evaluate(p_eval_step: Callable, state: TrainState, config: ml_collections.ConfigDict, mesh: Any
+             ) -> dict[str, float]:
+    """Top-1, top-5 and cross-entropy over the whole eval split, every example counted once."""
+    totals: dict[str, float] = {}
+    for batch in data.eval_batches(config):
+        out = jax.device_get(p_eval_step(state, sharding.global_batch(batch, mesh)))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.get("count", 0.0), 1.0)
+    return {"eval_accuracy": totals["correct"] / count, "eval_top5": totals["correct_top5"] / count,
+            "eval_loss": totals["loss"] / count, "eval_count": int(totals["count"])}
+
+
+def stop_on_signal(state: TrainState, ckpt: checkpoints.Checkpoints, step: int, signum: int,
+                   eval_metrics: dict[str, float]) -> dict[str, Any]:
+    """Checkpoint now and say how to resume; the metrics to return for a preempted run."""
+    ckpt.save(state, force=True)
+    ckpt.wait()
+    what = "interrupted (SIGINT)" if signum == signal.SIGINT else "preempted"
+    print(f"{what}: saved a checkpoint at step {step} in {ckpt.directory}; rerun the same command to resume",
+          flush=True)
+    return {**eval_metrics, "preempted": True, "signal": signum}
 
 
 class _Preemption:
@@ -267,231 +473,8 @@ class _Preemption:
             signal.signal(s, handler)
 
 
-def evaluate(p_eval_step, state: TrainState, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
-    """Top-1, top-5 and cross-entropy over the whole eval split, every example counted once."""
-    totals: dict[str, float] = {}
-    for batch in data.eval_batches(config):
-        out = jax.device_get(p_eval_step(state, sharding.global_batch(batch, mesh)))
-        for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    count = max(totals.get("count", 0.0), 1.0)
-    return {"eval_accuracy": totals["correct"] / count, "eval_top5": totals["correct_top5"] / count,
-            "eval_loss": totals["loss"] / count, "eval_count": int(totals["count"])}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and return the final eval metrics.
-
-    A run stopped by SIGTERM or SIGINT returns the metrics it has with ``preempted=True`` and ``signal`` after
-    checkpointing. Every config value is checked, then the workdir is locked (bagjax.training.lock), before
-    anything is written or compiled.
-    """
-    checks.check_workdir_arg(workdir)
-    checks.check_values(config)
-    workdir = pathlib.Path(workdir)
-    maybe_initialize_distributed(config)
-    info = data.dataset_info(config)
-    checks.check_splits(config, info.num_train, info.num_eval)
-    num_classes = info.num_classes if config.num_classes <= 0 else config.num_classes
-    if num_classes < info.num_classes:
-        raise UserError(f"num_classes={num_classes} but the dataset has {info.num_classes} classes: "
-                        f"use --config.num_classes={info.num_classes} (or -1 to take it from the data)")
-    check_config(config, workdir, num_classes)
-    lock = lock_workdir(workdir, is_main=jax.process_index() == 0, process_count=jax.process_count())
-    try:
-        return _train(config, workdir, info, num_classes)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def check_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-               info: data.DatasetInfo) -> fingerprint.Verdict:
-    """A resume on other data than the workdir's checkpoints were trained on is refused (bagjax.data.fingerprint)."""
-    if not checkpoints.finished_steps(workdir) or info.fingerprint is None:
-        return fingerprint.Verdict(None)  # a new run: nothing to compare with
-    return fingerprint.check(checkpoints.saved_fingerprint(workdir), info.fingerprint, str(workdir),
-                             allow_changed=bool(config.data.get("allow_changed_data", False)))
-
-
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.DatasetInfo,
-           num_classes: int) -> dict[str, float]:
-    """The run itself, once every check passed and the workdir is locked."""
-    if info.num_skipped:
-        print(f"data: skipped {info.num_skipped} unreadable image(s)", flush=True)
-    is_main = jax.process_index() == 0
-    verdict = check_data(config, workdir, info)  # before anything is restored or written
-    if verdict.line and is_main:
-        print(verdict.line, flush=True)
-
-    steps_per_epoch, total_steps, eval_every = _steps(config, info)
-    mesh = sharding.make_mesh()
-    model = build_model(config, num_classes)
-    dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-
-    def init_variables(rng):
-        variables = model.init(rng, dummy, train=False)
-        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-
-    abstract_vars = jax.eval_shape(init_variables, jax.random.key(config.seed))
-    tx = optim.make_optimizer(config, abstract_vars["params"], steps_per_epoch, total_steps)
-
-    def init_state(variables):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
-
-    abstract_state = jax.eval_shape(init_state, abstract_vars)
-    state_sharding = sharding.state_shardings(abstract_state, mesh, config.fsdp)
-    ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints)
-    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract_state, state_sharding)
-    state = ckpt.restore_latest(abstract_sharded, checkpoints.changed_keys(workdir, config))
-    if state is not None:
-        print(f"resuming from step {int(state.step)} in {ckpt.directory}", flush=True)
-    else:
-        var_sharding = {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats}
-        variables = jax.jit(init_variables, out_shardings=var_sharding)(jax.random.key(config.seed))
-        if config.init_from:
-            pretrained, source = load_pretrained(config.init_from)
-            variables, reinit = merge_pretrained(variables, pretrained)
-            print(f"initialised from {source}" + (f"; new head ({len(reinit)} arrays)" if reinit else ""), flush=True)
-        state = jax.jit(init_state, out_shardings=state_sharding)(variables)
-
-    if is_main:  # only now: a run refused above must not overwrite the workdir's record of its config
-        checkpoints.write_config(workdir, config)
-        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval, info.fingerprint)
-    start_step = int(jax.device_get(state.step))
-    p_train_step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
-                           in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                           out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-    p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
-                          in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                          out_shardings=sharding.replicated(mesh))
-    p_bn_accumulate = jax.jit(functools.partial(precise_bn.accumulate, model=model,
-                                                num_batches=config.precise_bn.num_batches),
-                              in_shardings=(state_sharding.batch_stats, state_sharding, sharding.batch_sharding(mesh)),
-                              out_shardings=state_sharding.batch_stats, donate_argnums=0)
-    p_guard_step = jax.jit(functools.partial(precise_bn.guard_step, model=model,
-                                             logits_fn=functools.partial(eval_logits, config.model)),
-                           in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                           out_shardings=sharding.replicated(mesh))
-
-    def with_precise_bn(state: TrainState, step: int) -> tuple[TrainState, dict[str, float]]:
-        """The state with BatchNorm statistics recomputed for its weights (precise_bn.py), and the cost."""
-        if not precise_bn.enabled(config, state):
-            return state, {}
-        start = time.perf_counter()
-        batches = (sharding.global_batch(b, mesh) for b in precise_bn.statistics_batches(config, step))
-        stats, kept = jax.block_until_ready(precise_bn.recompute(p_bn_accumulate, state, batches))
-        if kept and is_main:
-            print(f"warning: precise BN at step {step}: {kept} BatchNorm layer(s) got non-finite statistics with these "
-                  "weights and keep their previous ones", flush=True)
-        return state.replace(batch_stats=stats), {"precise_bn_seconds": time.perf_counter() - start,
-                                                  **({"precise_bn_kept_layers": kept} if kept else {})}
-
-    def final_guard(state: TrainState) -> dict[str, float]:
-        """Eval-mode against batch-statistics accuracy on a few eval batches; one warning line if far apart."""
-        batches = (sharding.global_batch(b, mesh) for b in precise_bn.guard_batches(config, info.num_eval))
-        metrics = precise_bn.guard(p_guard_step, state, batches)
-        if is_main and (warning := precise_bn.guard_warning(metrics, config)):
-            print(warning, flush=True)
-        return metrics
-
-    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
-    if verdict.changed:
-        writer.note(start_step, {"data_changed": verdict.line})
-    cli.raise_if_interrupted()  # a SIGTERM/SIGINT during start-up: one line, nothing written yet to lose
-    preemption = _Preemption()
-    eval_metrics: dict[str, float] = {}
-    batches: Iterator[dict[str, np.ndarray]] = data.train_batches(config, start_step=start_step)
-    bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not is_main, mininterval=1.0)
-    try:
-        last_time, last_step = time.perf_counter(), start_step
-        pending: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet looked at
-
-        def check_finite():
-            flags = jax.device_get([f for _, f in pending])
-            bad = [s for (s, _), ok in zip(pending, flags) if not ok]
-            pending.clear()
-            if bad and not config.skip_nonfinite_updates:
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradients at step {bad[0]}: stopped; the last good checkpoint is kept in "
-                    f"{ckpt.directory}. Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or set "
-                    "skip_nonfinite_updates=True")
-
-        for step in range(start_step + 1, total_steps + 1):
-            state, metrics = p_train_step(state, sharding.global_batch(next(batches), mesh))
-            pending.append((step, metrics["finite"]))
-            if step % config.log_every_steps == 0 or step == total_steps:
-                check_finite()
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                rate = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                writer.write(step, {"train_loss": float(metrics["loss"]), "train_accuracy": float(metrics["accuracy"]),
-                                    "images_per_sec": rate})
-                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.1f}")
-            bar.update(1)
-            if step % eval_every == 0 or step == total_steps:
-                check_finite()
-                state, bn_cost = with_precise_bn(state, step)
-                eval_metrics = {**evaluate(p_eval_step, state, config, mesh), **bn_cost}
-                check_finite_eval(eval_metrics, step, ckpt.directory, config.skip_nonfinite_updates)
-                if step == total_steps:
-                    eval_metrics.update(final_guard(state))
-                writer.write(step, eval_metrics)
-                ckpt.save(state, {"eval_accuracy": eval_metrics["eval_accuracy"]}, force=True)
-            elif step % config.checkpoint_every_steps == 0:
-                check_finite()
-                ckpt.save(state)
-            if preemption.agreed():
-                check_finite()
-                ckpt.save(state, force=True)
-                ckpt.wait()
-                what = "interrupted (SIGINT)" if preemption.signum == signal.SIGINT else "preempted"
-                print(f"{what}: saved a checkpoint at step {step} in {ckpt.directory}; "
-                      "rerun the same command to resume", flush=True)
-                return {**eval_metrics, "preempted": True, "signal": preemption.signum}
-        ckpt.wait()
-    finally:
-        batches.close()  # a generator (data.train_batches): stops the input workers now
-        bar.close()
-        preemption.restore()
-        writer.close()
-        ckpt.wait()
-        ckpt.close()
-
-    if not eval_metrics:  # resumed at the end: evaluate what was restored (its statistics are already precise)
-        eval_metrics = {**evaluate(p_eval_step, state, config, mesh), **final_guard(state)}
-    if is_bagnet(config.model) and config.heatmap_images > 0:
-        # Every process takes part: gathering FSDP-sharded parameters that span processes is a collective.
-        variables = multihost_utils.process_allgather(state.variables, tiled=True)
-        if is_main:
-            _write_heatmaps(config, model, variables, workdir, info.class_names)
-    print(f"final eval: accuracy={eval_metrics['eval_accuracy']:.4f} loss={eval_metrics['eval_loss']:.4f} "
-          f"top5={eval_metrics['eval_top5']:.4f} examples={eval_metrics['eval_count']} "
-          f"batch_stats_accuracy={eval_metrics['guard_batch_stats_accuracy']:.4f} "
-          f"(eval mode {eval_metrics['guard_eval_accuracy']:.4f} on the same {eval_metrics['guard_count']})"
-          + (f" precise_bn={eval_metrics['precise_bn_seconds']:.1f}s" if "precise_bn_seconds" in eval_metrics else ""),
-          flush=True)
-    return eval_metrics
-
-
-def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names) -> None:
-    """A figure of a few eval images beside the exact stride-1 evidence map of their predicted class (heatmaps.png),
-    and the evidence explorer page of the same images (explore.html, ``bagjax.explore``)."""
-    from bagjax import explore, interpret
-    from bagjax.workdir import Trained
-
-    batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
-    pixels = batch["image"][: config.heatmap_images]
-    images = jax.jit(data.normalize)(pixels)
-    predicted = np.asarray(jnp.argmax(model.apply(variables, images, train=False), -1))
-    maps = interpret.stride1_heatmap(model, variables, images, predicted)
-    titles = [f"true {class_names[t]} / pred {class_names[p]}" for t, p in zip(batch["label"], predicted)]
-    interpret.save_heatmap_figure(workdir / "heatmaps.png", pixels, maps, titles)
-    print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
-    examples = [explore.Example(f"eval #{i}", p, int(t)) for i, (p, t) in enumerate(zip(pixels, batch["label"]))]
-    trained = Trained(config, model, variables, tuple(class_names))
-    print(f"wrote {explore.explore(workdir, examples=examples, trained=trained, progress=False)}", flush=True)
+def print_final(m: dict[str, float]) -> None:
+    print(f"final eval: accuracy={m['eval_accuracy']:.4f} loss={m['eval_loss']:.4f} top5={m['eval_top5']:.4f} "
+          f"examples={m['eval_count']} batch_stats_accuracy={m['guard_batch_stats_accuracy']:.4f} "
+          f"(eval mode {m['guard_eval_accuracy']:.4f} on the same {m['guard_count']})"
+          + (f" precise_bn={m['precise_bn_seconds']:.1f}s" if "precise_bn_seconds" in m else ""), flush=True)

@@ -85,14 +85,12 @@ def enabled(config: ml_collections.ConfigDict, state: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- the guard
-def guard_step(state: Any, batch: dict[str, jax.Array], *, model: nn.Module,
-               logits_fn: Callable[[Any], jax.Array]) -> dict[str, jax.Array]:
+def guard_step(state: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
     """Correct predictions of one eval batch with the running statistics (eval mode) and with the batch's own
     statistics (train-mode BatchNorm, nothing updated), and the count of real examples."""
     images, labels, mask = data.normalize(batch["image"]), batch["label"], batch["mask"].astype(jnp.float32)
-    running = logits_fn(model.apply(state.variables, images, train=False))
-    own, _ = model.apply(state.variables, images, train=True, mutable=["batch_stats"])
-    own = logits_fn(own)
+    running, _ = model.apply(state.variables, images, train=False)
+    (own, _), _ = model.apply(state.variables, images, train=True, mutable=["batch_stats"])
     return {"correct": jnp.sum((jnp.argmax(running, -1) == labels) * mask),
             "correct_batch_stats": jnp.sum((jnp.argmax(own, -1) == labels) * mask),
             "count": jnp.sum(mask)}
