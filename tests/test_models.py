@@ -152,3 +152,25 @@ def test_every_model_returns_logits_and_aux_and_declares_its_capabilities(name):
     loss = jax.eval_shape(lambda v, x: caps.loss(*model.apply(v, x, train=True, mutable=["batch_stats"])[0], labels,
                                                  label_smoothing=0.1, aux_weight=0.5), variables, x)
     assert loss.shape == ()
+
+
+def test_callers_ask_capabilities_not_names_and_training_imports_no_experiment_code():
+    """Issue 23's acceptance, as a source check: no branch on a model's name, no ``hasattr`` probe of a model, one
+    definition of a receptive field, and ``bagjax/training`` imports nothing from robust, experiments or interpret."""
+    import ast
+    import re
+
+    from trainutil import ROOT
+
+    sources = {p: p.read_text() for p in (ROOT / "bagjax").rglob("*.py")}
+    probes = re.compile(r"\.model\s*[!=]=|model_name\s*[!=]=|is_bagnet|isinstance\([^)]*BagNet|hasattr\((\w+\.)?model\b")
+    assert [f"{p}:{m.group()}" for p, s in sources.items() for m in probes.finditer(s)] == []
+    definitions = [f"{p.name}:{n.name}" for p, s in sources.items() for n in ast.walk(ast.parse(s))
+                   if isinstance(n, ast.FunctionDef) and n.name == "receptive_field"]
+    assert definitions == ["bagnet.py:receptive_field"]
+    for path in (ROOT / "bagjax" / "training").glob("*.py"):
+        for node in ast.walk(ast.parse(sources[path])):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            imported = names + [f"{n}.{a.name}" for n in names for a in getattr(node, "names", [])]
+            assert not any(re.match(r"bagjax\.(robust|experiments|interpret|explore)\b", n) for n in imported), path
