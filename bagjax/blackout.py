@@ -43,8 +43,8 @@ import tqdm
 
 from bagjax import data, patches
 from bagjax.models import create_model
+from bagjax.models.contract import cross_entropy
 from bagjax.models.heads import Head
-from bagjax.training.loop import cross_entropy
 from bagjax.errors import UserError
 
 MODES = ("patches", "channels")

@@ -16,7 +16,7 @@ import os
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Generator, Iterator, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -234,14 +234,16 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval, info.fingerprint)
     steps = compile_steps(config, model, tx, mesh, state_sharding)
     evaluators = Evaluators(precise_bn=hooks.PreciseBN(config, mesh, steps.bn_accumulate, is_main),
-                            evaluate=functools.partial(evaluate, steps.eval, config=config, mesh=mesh),
+                            evaluate=functools.partial(evaluate, steps.eval, functools.partial(data.eval_batches, config),
+                                                       mesh=mesh),
                             guard=hooks.BNGuard(config, mesh, steps.guard, info.num_eval, is_main))
     start_step = int(jax.device_get(state.step))
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     if verdict.changed:
         writer.note(start_step, {"data_changed": verdict.line})
     cli.raise_if_interrupted()  # a SIGTERM/SIGINT during start-up: one line, nothing written yet to lose
-    state, eval_metrics = train_loop(config, state, steps.train, evaluators, ckpt, writer, mesh,
+    batches = data.train_batches(config, start_step=start_step)
+    state, eval_metrics = train_loop(config, state, steps.train, batches, evaluators, ckpt, writer, mesh,
                                      start_step=start_step, total_steps=total_steps, eval_every=eval_every)
     if eval_metrics.get("preempted"):
         return eval_metrics
@@ -352,16 +354,17 @@ class Evaluators:
     guard: Callable[[TrainState], dict[str, float]]
 
 
-def train_loop(config: ml_collections.ConfigDict, state: TrainState, p_train_step: Callable, evaluators: Evaluators,
+def train_loop(config: ml_collections.ConfigDict, state: TrainState, p_train_step: Callable,
+               batches: Generator[dict[str, np.ndarray], None, None], evaluators: Evaluators,
                ckpt: checkpoints.Checkpoints, writer: MetricWriter, mesh: Any, *, start_step: int, total_steps: int,
                eval_every: int) -> tuple[TrainState, dict[str, float]]:
-    """Steps ``start_step + 1 .. total_steps``: log, evaluate and checkpoint on schedule, checkpoint and stop on
-    SIGTERM/SIGINT. Returns the state and the last eval metrics (``preempted`` and ``signal`` when stopped)."""
+    """Steps ``start_step + 1 .. total_steps`` on ``batches`` (closed at the end): log, evaluate and checkpoint on
+    schedule, checkpoint and stop on SIGTERM/SIGINT. Returns the state and the last eval metrics (``preempted`` and
+    ``signal`` when stopped)."""
     is_main = jax.process_index() == 0
     finite = hooks.FiniteCheck(config.skip_nonfinite_updates, ckpt.directory)
     preemption = _Preemption()
     eval_metrics: dict[str, float] = {}
-    batches: Iterator[dict[str, np.ndarray]] = data.train_batches(config, start_step=start_step)
     bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not is_main, mininterval=1.0)
     try:
@@ -426,11 +429,11 @@ def eval_point(state: TrainState, step: int, evaluators: Evaluators, config: ml_
     return state, eval_metrics
 
 
-def evaluate(p_eval_step: Callable, state: TrainState, config: ml_collections.ConfigDict, mesh: Any
-             ) -> dict[str, float]:
-    """Top-1, top-5 and cross-entropy over the whole eval split, every example counted once."""
+def evaluate(p_eval_step: Callable, eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]], state: TrainState,
+             mesh: Any) -> dict[str, float]:
+    """Top-1, top-5 and cross-entropy over one pass of ``eval_batches()``, every example counted once."""
     totals: dict[str, float] = {}
-    for batch in data.eval_batches(config):
+    for batch in eval_batches():
         out = jax.device_get(p_eval_step(state, sharding.global_batch(batch, mesh)))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v)
