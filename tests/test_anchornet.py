@@ -55,10 +55,10 @@ def variables(model):
 
 @pytest.fixture(scope="module")
 def eval_run(model, variables):
-    """Eval-mode outputs on two 160 px images, recording every SE gate."""
+    """Eval-mode outputs (the branch maps, aux) on two 160 px images, recording every SE gate; and the logits."""
     x = jax.random.normal(jax.random.key(1), (2, 160, 160, 3))
-    (_, outputs), state = compiled(lambda v, x: model.apply(v, x, mutable=[SE_GATES]), variables, x)(variables, x)
-    return x, outputs, state[SE_GATES]
+    (logits, outputs), state = compiled(lambda v, x: model.apply(v, x, mutable=[SE_GATES]), variables, x)(variables, x)
+    return x, outputs, state[SE_GATES], logits
 
 
 def test_shapes_at_224_eval_and_train():
@@ -122,7 +122,7 @@ def test_se_size_readings_parameters_and_multiply_adds(se_size):
 
 def test_receptive_fields_with_fixed_se_gates(model, variables, eval_run):
     """d F^rf[0, i, j, c] / d input is nonzero only inside [8i, 8i + rf) x [8j, 8j + rf) and reaches its edges."""
-    x, outputs, gates = eval_run
+    x, outputs, gates, _ = eval_run
     fixed = {**variables, SE_GATES: gates}
     i, j, c = 1, 2, 3
 
@@ -141,8 +141,12 @@ def test_receptive_fields_with_fixed_se_gates(model, variables, eval_run):
         assert (cols.min(), cols.max() + 1) == (STRIDE * j, STRIDE * j + rf)
 
 
-def test_attention_is_a_distribution_and_pools_the_class_maps(eval_run):
-    _, outputs, _ = eval_run
+def test_attention_is_a_distribution_and_pools_the_class_maps(model, eval_run):
+    _, outputs, _, logits = eval_run
+    np.testing.assert_allclose(logits, image_logits(outputs), rtol=1e-6)  # the contract's logits (section 3.3)
+    labels = jnp.asarray([1, 2])
+    assert float(model.capabilities.loss(logits, outputs, labels, label_smoothing=0.1, aux_weight=0.5)) == \
+        float(training_loss(outputs, labels, label_smoothing=0.1, aux_weight=0.5))
     for rf in RECEPTIVE_FIELDS:
         s, f = outputs["attention"][rf], outputs["class_maps"][rf]
         assert (s >= 0).all()

@@ -119,6 +119,44 @@ def spatial_softmax(x: jax.Array) -> jax.Array:
     return e / jnp.sum(e, axis=(1, 2), keepdims=True)
 
 
+def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def training_loss(outputs: dict[str, dict[int, jax.Array]], labels: jax.Array, *, aux_weight: float = 1.0,
+                  label_smoothing: float = 0.0) -> jax.Array:
+    """Batch mean of the summed branch cross-entropies plus ``aux_weight`` x the summed auxiliary ones.
+
+    Section 3.2: every branch and (in training) every attention branch's FC is supervised by cross-entropy
+    with the image label. The auxiliary term is included when ``outputs`` has ``'aux_logits'`` (train=True).
+    """
+    loss = sum(_cross_entropy(outputs["logits"][rf], labels, label_smoothing) for rf in RECEPTIVE_FIELDS)
+    if "aux_logits" in outputs:
+        loss = loss + aux_weight * sum(_cross_entropy(outputs["aux_logits"][rf], labels, label_smoothing)
+                                       for rf in RECEPTIVE_FIELDS)
+    return jnp.mean(loss)
+
+
+def image_logits(outputs: dict[str, dict[int, jax.Array]]) -> jax.Array:
+    """(B, C) scores for accuracy/top-5: the mean of the three branches' log-softmaxes.
+
+    That is the log of the (unnormalized) geometric mean of the branch distributions B^j (section 3.3), a
+    single ranking in which no branch's logit scale dominates. The paper's own per-image class is the vote of
+    Eq. 7, see ``bagjax.localize.branch_decision``.
+    """
+    return jnp.mean(jnp.stack([jax.nn.log_softmax(outputs["logits"][rf].astype(jnp.float32), axis=-1)
+                               for rf in RECEPTIVE_FIELDS]), axis=0)
+
+
+def branch_loss(logits: jax.Array, aux: dict[str, dict[int, jax.Array]], labels: jax.Array, *,
+                label_smoothing: float = 0.0, aux_weight: float = 1.0) -> jax.Array:
+    """AnchorNet's training loss in the model contract's form: ``training_loss`` of the branch outputs in ``aux``;
+    the combined image logits are not supervised (section 3.2)."""
+    del logits
+    return training_loss(aux, labels, aux_weight=aux_weight, label_smoothing=label_smoothing)
+
+
 class SpatialAttention(nn.Module):
     """Attention of AnchorNet section 3.2, Eq. 1-5: X (B, H, W, C) -> S (B, H, W), summing to 1 over H, W.
 
@@ -184,7 +222,7 @@ class AnchorNet(nn.Module):
     # Bounded by its largest branch, which is also the smallest input side it takes (section 3.1); the branch
     # maps are in aux, and its loss supervises every branch (section 3.2).
     capabilities = contract.Capabilities(receptive_field=MIN_INPUT, stride=STRIDE, branches=RECEPTIVE_FIELDS,
-                                         loss=lambda logits, aux, labels, **kw: training_loss(aux, labels, **kw))
+                                         loss=branch_loss)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -223,33 +261,3 @@ def anchornet(*, num_classes: int, head: str = "learned", dtype: Any = jnp.float
         raise UserError(f"AnchorNet only supports head='learned' (its classifier is the per-branch linear "
                         f"1x1 conv of Table 2); got head={head!r}")
     return AnchorNet(num_classes=num_classes, dtype=jnp.dtype(dtype), **kw)
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-def training_loss(outputs: dict[str, dict[int, jax.Array]], labels: jax.Array, *, aux_weight: float = 1.0,
-                  label_smoothing: float = 0.0) -> jax.Array:
-    """Batch mean of the summed branch cross-entropies plus ``aux_weight`` x the summed auxiliary ones.
-
-    Section 3.2: every branch and (in training) every attention branch's FC is supervised by cross-entropy
-    with the image label. The auxiliary term is included when ``outputs`` has ``'aux_logits'`` (train=True).
-    """
-    loss = sum(_cross_entropy(outputs["logits"][rf], labels, label_smoothing) for rf in RECEPTIVE_FIELDS)
-    if "aux_logits" in outputs:
-        loss = loss + aux_weight * sum(_cross_entropy(outputs["aux_logits"][rf], labels, label_smoothing)
-                                       for rf in RECEPTIVE_FIELDS)
-    return jnp.mean(loss)
-
-
-def image_logits(outputs: dict[str, dict[int, jax.Array]]) -> jax.Array:
-    """(B, C) scores for accuracy/top-5: the mean of the three branches' log-softmaxes.
-
-    That is the log of the (unnormalized) geometric mean of the branch distributions B^j (section 3.3), a
-    single ranking in which no branch's logit scale dominates. The paper's own per-image class is the vote of
-    Eq. 7, see ``bagjax.localize.branch_decision``.
-    """
-    return jnp.mean(jnp.stack([jax.nn.log_softmax(outputs["logits"][rf].astype(jnp.float32), axis=-1)
-                               for rf in RECEPTIVE_FIELDS]), axis=0)
