@@ -174,7 +174,8 @@ def forward_fn(trained: Trained, kind: str):
 
     def forward(variables: Any, pixels: jax.Array) -> dict[str, Any]:
         images = data.normalize(pixels)
-        logits = image_logits(trained, variables, images)
+        logits, outputs = model.apply(variables, images, train=False)  # a Clipped BagNet's: mean of phi(patch logits)
+        logits = logits.astype(jnp.float32)
         if kind == "bagnet":
             raw = model.apply(variables, images, train=False, method="patch_logits").astype(jnp.float32)
             clip = robust.config_clip(config)
@@ -184,7 +185,6 @@ def forward_fn(trained: Trained, kind: str):
             from bagjax import localize
 
             branches = model.capabilities.branches
-            _, outputs = model.apply(variables, images, train=False)
             found = localize.localize_patches(outputs, localize.LSP_VISUALIZATION)
             maps = [outputs["class_maps"][rf].astype(jnp.float32) for rf in branches]
             return {"logits": logits, "maps": maps, "rule": found,
