@@ -379,7 +379,7 @@ def test_cli_rejects_bad_input_in_one_line(smoke, tmp_path):
     resnet = tmp_path / "resnet"
     shutil.copytree(workdir, resnet)
     config = json.loads((resnet / "config.json").read_text())
-    (resnet / "config.json").write_text(json.dumps({**config, "model": "resnet50"}))
+    (resnet / "config.json").write_text(json.dumps({**config, "model": "resnet50", "robust": {"clip": ""}}))
     with pytest.raises(UserError, match="is not a BagNet"):
         patch_robustness.main(["--workdir", str(resnet)])
     assert not (workdir / "robustness").exists()  # nothing was written for bad input
