@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bagjax import blackout, data, explore, robust
+from bagjax import blackout, data, explore, patches, robust
 from bagjax.errors import UserError
 from bagjax.workdir import load_trained
 from test_anchornet import numpy_variables
