@@ -8,11 +8,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory):
-    """One ``demo.py:smoke`` training workdir for every test that only reads one (copy it before changing it)."""
+def _smoke_run(tmp_path_factory, config: str):
+    """``config:smoke`` trained once into ``<tmp>/run``; train.py's stdout is kept beside it in ``stdout.txt``."""
     from trainutil import run_train
 
     workdir = tmp_path_factory.mktemp("smoke") / "run"
-    run_train("demo.py:smoke", workdir, "--config.heatmap_images=0")
+    (workdir.parent / "stdout.txt").write_text(run_train(f"{config}:smoke", workdir).stdout)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+    """One ``demo.py:smoke`` training workdir for every test that only reads one (copy it before changing it)."""
+    return _smoke_run(tmp_path_factory, "demo.py")
+
+
+@pytest.fixture(scope="session")
+def anchornet_smoke_workdir(tmp_path_factory):
+    """One ``anchornet_demo.py:smoke`` training workdir, likewise (AnchorNet's training step compiles slowly)."""
+    return _smoke_run(tmp_path_factory, "anchornet_demo.py")

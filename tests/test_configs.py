@@ -26,7 +26,7 @@ from PIL import Image
 from bagjax import data
 from bagjax.models import build_model
 from bagjax.training import optim
-from bagjax.training.loop import _steps, check_config, train_step
+from bagjax.training.loop import INIT_COMPILER_OPTIONS, _steps, check_config, train_step
 from bagjax.training.state import TrainState
 from trainutil import ROOT
 
@@ -98,7 +98,8 @@ def test_config_runs_one_real_train_step(name, images):
     num_classes = config.num_classes if config.num_classes > 0 else info.num_classes
     model = build_model(config, num_classes)
     size = config.image_size
-    variables = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)), train=False))(jax.random.key(0))
+    variables = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)), train=False),
+                        compiler_options=INIT_COMPILER_OPTIONS)(jax.random.key(0))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     tx = optim.make_optimizer(config, params, *_steps(config, info)[:2])
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

@@ -165,6 +165,7 @@ def test_train_py_heatmap_figure_shows_the_per_pixel_evidence_of_the_predicted_c
     from configs import demo
 
     config = demo.get_config("smoke")
+    config.heatmap_images = 2
     info = data.dataset_info(config)
     model = build_model(config, info.num_classes)
     variables = _random_variables(model, seed=1)

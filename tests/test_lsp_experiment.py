@@ -1,6 +1,5 @@
 """The LSP experiment (AnchorNet sections 3.3 and 4.3, Tables 3 and 4) end to end on smoke workdirs."""
 
-import concurrent.futures
 import csv
 import sys
 
@@ -13,21 +12,15 @@ from bagjax import downstream
 from bagjax.experiments import lsp
 from bagjax.localize import LSP_SLACK, LSP_VISUALIZATION
 from bagjax.models.anchornet import RECEPTIVE_FIELDS
-from trainutil import run_cmd, run_train, train_env
+from trainutil import run_cmd, train_env
 
 EXAMPLES = 12  # of the 16 tiny eval images; with --batch-size 8 the second batch is partly masked
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
-    """One smoke AnchorNet and one smoke BagNet-17 on synthetic:tiny, trained side by side."""
-    anchor, demo = tmp_path_factory.mktemp("anchornet"), tmp_path_factory.mktemp("bagnet")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(run_train, "anchornet_demo.py:smoke", anchor),
-                pool.submit(run_train, "demo.py:smoke", demo)]
-        for job in jobs:
-            job.result()
-    return anchor, demo
+def workdirs(anchornet_smoke_workdir, smoke_workdir):
+    """The session's smoke AnchorNet and smoke BagNet-17 on synthetic:tiny (tests/conftest.py)."""
+    return anchornet_smoke_workdir, smoke_workdir
 
 
 @pytest.fixture(scope="module")

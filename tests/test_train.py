@@ -14,16 +14,21 @@ from PIL import Image
 from trainutil import ROOT, checkpoint_steps, read_metrics, run_train, train_cmd, train_env
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name not in ("__init__.py", "default.py"))
+SESSION_SMOKE_RUNS = {"demo.py": "smoke_workdir", "anchornet_demo.py": "anchornet_smoke_workdir"}
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_config_runs_its_smoke_variant(config, tmp_path):
-    proc = run_train(f"{config}:smoke", tmp_path)
-    last = proc.stdout.strip().splitlines()[-1]
+def test_every_config_runs_its_smoke_variant(config, tmp_path, request):
+    if config in SESSION_SMOKE_RUNS:  # trained once for the session (tests/conftest.py)
+        workdir = request.getfixturevalue(SESSION_SMOKE_RUNS[config])
+        stdout = (workdir.parent / "stdout.txt").read_text()
+    else:
+        workdir, stdout = tmp_path, run_train(f"{config}:smoke", tmp_path).stdout
+    last = stdout.strip().splitlines()[-1]
     assert last.startswith("final eval: accuracy="), last
-    eval_lines = [m for m in read_metrics(tmp_path) if "eval_accuracy" in m]
+    eval_lines = [m for m in read_metrics(workdir) if "eval_accuracy" in m]
     assert eval_lines and {"step", "eval_accuracy", "eval_loss"} <= set(eval_lines[-1])
-    assert (tmp_path / "config.json").exists() and (tmp_path / "checkpoints").is_dir()
+    assert (workdir / "config.json").exists() and (workdir / "checkpoints").is_dir()
 
 
 def test_unknown_config_key_is_a_one_line_error(tmp_path):
@@ -189,3 +194,21 @@ def test_four_devices_match_one_device_loss_curve(tmp_path):
     losses = [[m["train_loss"] for m in read_metrics(tmp_path / d) if "train_loss" in m] for d in ("one", "four")]
     assert len(losses[0]) == 4
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def test_initialisation_is_bit_identical_at_the_init_optimisation_level():
+    """train.py compiles the initialisation with ``loop.INIT_COMPILER_OPTIONS`` (it runs once; the default
+    optimisation compiled it longer than the training step): every array must equal the default compilation's."""
+    import jax
+    import jax.numpy as jnp
+
+    from bagjax.models import create_model
+    from bagjax.training import loop
+
+    model = create_model("bagnet9", num_classes=10, width=4, stage_sizes=(1, 1, 1, 1))
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 17, 17, 3)), train=False)).lower(jax.random.key(3))
+    fast = init.compile(compiler_options=loop.INIT_COMPILER_OPTIONS)(jax.random.key(3))
+    default = init.compile()(jax.random.key(3))
+    assert jax.tree.structure(fast) == jax.tree.structure(default)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
