@@ -58,7 +58,6 @@ class Source:
     image_size: int  # the size it was trained / is evaluated at
     preprocessing: str  # 'resize' (whole image to image_size) or 'crop:F' (shorter side to size/F, centre crop)
     origin: str
-    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load_workdir(workdir: str | pathlib.Path, checkpoint: str = "best") -> Source:
@@ -83,7 +82,7 @@ def load_workdir(workdir: str | pathlib.Path, checkpoint: str = "best") -> Sourc
     model = create_model(config.model, num_classes=len(trained.class_names), head=config.head, **kw)  # float32
     preprocessing = "resize" if config.dataset.startswith("synthetic") else f"crop:{config.data.crop_fraction}"
     return Source(config.model, model, trained.variables, trained.class_names, int(config.image_size),
-                  preprocessing, f"workdir {pathlib.Path(workdir).name}, checkpoint {checkpoint}", kw)
+                  preprocessing, f"workdir {pathlib.Path(workdir).name}, checkpoint {checkpoint}")
 
 
 def load_weights(weights: str | pathlib.Path, model: str | None = None) -> Source:
