@@ -51,7 +51,7 @@ def source(name: str, kw: dict) -> export.Source:
         return 0.1 * noise
 
     return export.Source(name, model, jax.tree_util.tree_map_with_path(draw, shapes), tuple("abcde"), 64, "resize",
-                         "test", kw)
+                         "test")
 
 
 def onnx_runner(path):
