@@ -133,7 +133,8 @@ def main() -> None:
           f"{reference_s / (SIZE * SIZE) * args.patches:.2f} s for {args.patches} patches, "
           f"{reference_s:.1f} s per image scaled")
     print(f"multiply-adds per image: reference {reference_macs / 1e9:,.0f} G "
-          f"({2 * reference_macs / 1e9 / reference_s:.1f} GFLOP/s), bagjax {bagjax_macs / 1e9:,.0f} G ({2 * bagjax_macs / 1e9 / bagjax_s:.1f} GFLOP/s), "
+          f"({2 * reference_macs / 1e9 / reference_s:.1f} GFLOP/s), bagjax {bagjax_macs / 1e9:,.0f} G "
+          f"({2 * bagjax_macs / 1e9 / bagjax_s:.1f} GFLOP/s), "
           f"{reference_macs / bagjax_macs:.2f}x fewer")
     print(f"float32 {GEMM}^3 matrix product here: {gemm_gflops:.1f} GFLOP/s; bagjax's multiply-adds at that rate: "
           f"{ceiling_s:.2f} s per image, a ceiling of {reference_s / ceiling_s:.1f}x for this method")
