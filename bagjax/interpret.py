@@ -14,7 +14,8 @@ so the patch logit of a class *is* that patch's evidence. Three maps follow:
   ``s x s`` phases, which become batch entries (polyphase shift-and-stitch, layer by layer: the a-trous
   algorithm). Later layers run unchanged on the larger batch, the 64 output phases interleave into the stride-1
   map, each layer is computed once per output pixel, and only the target class column of the head is
-  evaluated. The values are the reference's. Several images can share one pass (``stride1_heatmap``).
+  evaluated. The values are the reference's. Several images can share one pass (``stride1_heatmap``);
+  ``stride1_multiply_adds`` counts the work (docs/benchmarks.md compares it with the reference's).
 
 Plots follow the reference's ``plot_heatmap``: RdBu_r, colour range symmetric at the 99th percentile of
 ``|heatmap|``, image edges drawn on top.
