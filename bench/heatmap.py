@@ -11,7 +11,7 @@ each polyphase pass, as many as `chunk_pixels` allows); the figure is its time p
 subset must match the reference's to 1e-5 on the CPU; on a GPU, where both sides run float32 convolutions in
 TF32 by default, to 1e-2 of the largest |logit|.
 
-It also prints the arithmetic (docs/benchmarks.md): the multiply-adds of both methods per image
+It also prints the arithmetic (docs/benchmarks.md): the conv multiply-adds of both methods per image
 (`bagjax.models.macs` convention; `interpret.stride1_multiply_adds` for bagjax), their rates, and the ceiling of
 bagjax's method on this machine: the ratio it would reach if its multiply-adds ran at the rate of a
 2048^3 float32 matrix product timed in the same rounds, with nothing else costing time.
@@ -132,7 +132,7 @@ def main() -> None:
     print(f"PyTorch per-pixel reference ({where}): "
           f"{reference_s / (SIZE * SIZE) * args.patches:.2f} s for {args.patches} patches, "
           f"{reference_s:.1f} s per image scaled")
-    print(f"multiply-adds per image: reference {reference_macs / 1e9:,.0f} G "
+    print(f"conv multiply-adds per image: reference {reference_macs / 1e9:,.0f} G "
           f"({2 * reference_macs / 1e9 / reference_s:.1f} GFLOP/s), bagjax {bagjax_macs / 1e9:,.0f} G "
           f"({2 * bagjax_macs / 1e9 / bagjax_s:.1f} GFLOP/s), "
           f"{reference_macs / bagjax_macs:.2f}x fewer")
