@@ -14,7 +14,8 @@ so the patch logit of a class *is* that patch's evidence. Three maps follow:
   ``s x s`` phases, which become batch entries (polyphase shift-and-stitch, layer by layer: the a-trous
   algorithm). Later layers run unchanged on the larger batch, the 64 output phases interleave into the stride-1
   map, each layer is computed once per output pixel, and only the target class column of the head is
-  evaluated. The values are the reference's. Several images can share one pass (``stride1_heatmap``).
+  evaluated. The values are the reference's. Several images can share one pass (``stride1_heatmap``);
+  ``stride1_multiply_adds`` counts the work (docs/benchmarks.md compares it with the reference's).
 
 Plots follow the reference's ``plot_heatmap``: RdBu_r, colour range symmetric at the 99th percentile of
 ``|heatmap|``, image edges drawn on top.
@@ -42,6 +43,7 @@ from matplotlib.image import AxesImage
 
 from bagjax import atomic, patches
 from bagjax.data import MEAN_RGB, STDDEV_RGB
+from bagjax.models import macs
 from bagjax.models.heads import Head
 from bagjax.errors import UserError
 
@@ -213,11 +215,21 @@ def _interleave(phase_maps: jax.Array, levels: Sequence[tuple[int, int]]) -> jax
     return maps.reshape(gh * math.prod(sy for sy, _ in levels), gw * math.prod(sx for _, sx in levels))
 
 
+def _polyphase_patch_logits(module: nn.Module, padded: jax.Array, targets: jax.Array,
+                            levels: dict[int, tuple[int, int]]) -> jax.Array:
+    """``module.patch_logits`` under the polyphase and one-class interceptors: ``(P * G, h, w, 1)``, phase-major.
+
+    A method for ``model.apply`` (so an outer interceptor, e.g. ``bagjax.models.macs``'s counter, sees the
+    stride-1 convs); ``levels`` receives the strides of the phase splits.
+    """
+    with nn.intercept_methods(_polyphase_interceptor(levels)), nn.intercept_methods(_one_class_head(targets)):
+        return module.patch_logits(padded, train=False)
+
+
 def _stride1_logits(model: nn.Module, variables: Any, padded: jax.Array, targets: jax.Array) -> jax.Array:
     """Stride-1 logits of class ``targets[g]`` for each padded item ``(G, H_pad, W_pad, 3)``, in one polyphase pass."""
     levels: dict[int, tuple[int, int]] = {}
-    with nn.intercept_methods(_polyphase_interceptor(levels)), nn.intercept_methods(_one_class_head(targets)):
-        logits = model.apply(variables, padded, train=False, method="patch_logits")
+    logits = model.apply(variables, padded, targets, levels=levels, method=_polyphase_patch_logits)
     phases = logits[..., 0].reshape(-1, padded.shape[0], *logits.shape[1:3])  # (P, G, h, w), phase-major
     return jax.vmap(functools.partial(_interleave, levels=list(levels.values())), 1)(phases)
 
@@ -249,25 +261,53 @@ def stride1_heatmap(model: nn.Module, variables: Any, images: jax.Array, target_
     return heatmaps if batched else heatmaps[0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _stride1_heatmaps(model: nn.Module, variables: Any, images: jax.Array, classes: jax.Array,
-                      chunk_pixels: int) -> jax.Array:
-    rf, stride = patches.geometry(model)
-    batch, height, width, _ = images.shape
-    # Whole output grids (extra rows/cols are cropped at the end), so every phase has the same size.
+def _pass_plan(model: nn.Module, batch: int, height: int, width: int,
+               chunk_pixels: int) -> tuple[int, int, int, int, int]:
+    """How ``stride1_heatmap`` cuts its work: ``(bands, band_rows, full_width, per_pass, passes)``.
+
+    Output grids are whole (extra rows/cols are cropped at the end), so every phase has the same size; an
+    image is cut into ``bands`` horizontal bands of ``band_rows`` rows when it exceeds ``chunk_pixels``. Items
+    are (image, band) pairs; a pass takes ``per_pass`` of them (the last pass is padded with repeats of the
+    first items, whose maps are dropped).
+    """
+    _, stride = patches.geometry(model)
     full_width = -(-width // stride) * stride
     grid_rows = -(-height // stride)
     bands = min(grid_rows, -(-grid_rows * stride * full_width // chunk_pixels))
     band_rows = -(-grid_rows // bands) * stride
     bands = -(-grid_rows * stride // band_rows)
+    items = batch * bands
+    per_pass = max(1, min(items, chunk_pixels // (band_rows * full_width)))
+    return bands, band_rows, full_width, per_pass, -(-items // per_pass)
+
+
+def stride1_multiply_adds(model: nn.Module, variables: Any, height: int, width: int, *,
+                          chunk_pixels: int | None = None) -> int:
+    """Conv multiply-adds of one ``height x width`` image's ``stride1_heatmap`` (``bagjax.models.macs`` convention).
+
+    Counted on the polyphase passes themselves (shapes only, nothing runs): every layer once per stride-1
+    position it needs, plus the rows that bands share (``chunk_pixels``). The head's one class column is not
+    a conv and not counted (``num_features`` per pixel). Compare ``H * W`` times ``macs.multiply_adds`` of
+    the model on one ``rf x rf`` patch, the per-pixel reference (docs/benchmarks.md).
+    """
+    rf, _ = patches.geometry(model)
+    chunk_pixels = default_chunk_pixels() if chunk_pixels is None else chunk_pixels
+    _, band_rows, full_width, per_pass, passes = _pass_plan(model, 1, height, width, chunk_pixels)
+    rows = jax.ShapeDtypeStruct((per_pass, band_rows + rf - 1, full_width + rf - 1, 3), jnp.float32)
+    targets = jax.ShapeDtypeStruct((per_pass,), jnp.int32)
+    return passes * macs.multiply_adds(model, variables, rows, targets, levels={}, method=_polyphase_patch_logits)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _stride1_heatmaps(model: nn.Module, variables: Any, images: jax.Array, classes: jax.Array,
+                      chunk_pixels: int) -> jax.Array:
+    rf, _ = patches.geometry(model)
+    batch, height, width, _ = images.shape
+    bands, band_rows, full_width, per_pass, passes = _pass_plan(model, batch, height, width, chunk_pixels)
     lo = (rf - 1) // 2
     padded = jnp.pad(images, ((0, 0), (lo, bands * band_rows - height + rf - 1 - lo),
                               (lo, full_width - width + rf - 1 - lo), (0, 0)))
-    # Items are (image, band) pairs; a pass takes as many as fit in chunk_pixels (the last pass is padded with
-    # repeats of the first items, whose maps are dropped).
     items = batch * bands
-    per_pass = max(1, min(items, chunk_pixels // (band_rows * full_width)))
-    passes = -(-items // per_pass)
     b, r = jnp.divmod(jnp.arange(passes * per_pass) % items, bands)
 
     def one_pass(item: tuple[jax.Array, jax.Array]) -> jax.Array:

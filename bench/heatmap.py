@@ -8,8 +8,13 @@ weights, eval mode; on the GPU when torch sees one) on a fixed random subset of 
 image, and its time is scaled to the whole image. bagjax (`bagjax.interpret.stride1_heatmap`, same weights
 through bagjax.convert) computes the whole maps of `--images` images in one call (batched: the images share
 each polyphase pass, as many as `chunk_pixels` allows); the figure is its time per image. The values on the
-subset must match the reference's to 1e-4 on the CPU; on a GPU, where both sides run float32 convolutions in
+subset must match the reference's to 1e-5 on the CPU; on a GPU, where both sides run float32 convolutions in
 TF32 by default, to 1e-2 of the largest |logit|.
+
+It also prints the arithmetic (docs/benchmarks.md): the conv multiply-adds of both methods per image
+(`bagjax.models.macs` convention; `interpret.stride1_multiply_adds` for bagjax), their rates, and the ceiling of
+bagjax's method on this machine: the ratio it would reach if its multiply-adds ran at the rate of a
+2048^3 float32 matrix product timed in the same rounds, with nothing else costing time.
 
     python bench/heatmap.py [--patches 2000] [--rounds 2] [--images 1] [--chunk-pixels N]
     python bench/heatmap.py --patches 10000 --images 16       # on a GPU
@@ -32,7 +37,7 @@ import torch_reference
 
 from bagjax import cli, convert, interpret
 from bagjax.data.preprocess import normalize
-from bagjax.models import create_model
+from bagjax.models import create_model, macs
 from benchargs import at_least
 
 MODEL = "bagnet33"
@@ -40,7 +45,9 @@ NUM_CLASSES = 1000
 SIZE = 224
 TARGET = 7
 REFERENCE_BATCH = 1000  # torch.split(patches, 1000) in the reference
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5
+GEMM = 2048  # the square float32 matrix product that measures this machine's rate ...
+GEMM_REPEATS = 10  # ... repeated per round
 
 
 def reference_patches(image: np.ndarray, rf: int, pixels: np.ndarray) -> torch.Tensor:
@@ -90,20 +97,33 @@ def main() -> None:
     def run_reference() -> np.ndarray:
         return reference_logits(reference, patches, TARGET)
 
+    gemm_operand = jax.device_put(rng.standard_normal((GEMM, GEMM), np.float32))
+    gemm = jax.jit(lambda a: a @ a)
+
+    def run_gemm() -> None:
+        for _ in range(GEMM_REPEATS):
+            gemm(gemm_operand).block_until_ready()
+
+    reference_macs = SIZE * SIZE * macs.multiply_adds(model, variables, np.zeros((1, rf, rf, 3), np.float32))
+    bagjax_macs = interpret.stride1_multiply_adds(model, variables, SIZE, SIZE, chunk_pixels=args.chunk_pixels)
+
     start = time.perf_counter()
     heatmap = run_bagjax()[0]
     compile_seconds = time.perf_counter() - start
     reference_values = run_reference()
     max_diff = float(np.max(np.abs(heatmap[pixels[:, 0], pixels[:, 1]] - reference_values)))
     tolerance = TOLERANCE if device == "cpu" else 1e-2 * float(np.max(np.abs(reference_values)))
-    times: dict[str, list[float]] = {"bagjax": [], "reference": []}
+    run_gemm()
+    times: dict[str, list[float]] = {"bagjax": [], "reference": [], "gemm": []}
     for _ in range(args.rounds):
-        for name, fn in (("bagjax", run_bagjax), ("reference", run_reference)):
+        for name, fn in (("bagjax", run_bagjax), ("reference", run_reference), ("gemm", run_gemm)):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     bagjax_s = float(np.median(times["bagjax"])) / args.images
     reference_s = float(np.median(times["reference"])) * (SIZE * SIZE) / args.patches
+    gemm_gflops = 2 * GEMM**3 * GEMM_REPEATS / float(np.median(times["gemm"])) / 1e9
+    ceiling_s = 2 * bagjax_macs / (gemm_gflops * 1e9)
 
     print(f"{MODEL} stride-1 heatmap, {SIZE} px ({SIZE * SIZE} pixels), rf {rf}, random weights, eval mode")
     print(f"bagjax ({jax.devices()[0].device_kind}, jax {jax.__version__}): {bagjax_s:.3f} s per image, "
@@ -112,6 +132,12 @@ def main() -> None:
     print(f"PyTorch per-pixel reference ({where}): "
           f"{reference_s / (SIZE * SIZE) * args.patches:.2f} s for {args.patches} patches, "
           f"{reference_s:.1f} s per image scaled")
+    print(f"conv multiply-adds per image: reference {reference_macs / 1e9:,.0f} G "
+          f"({2 * reference_macs / 1e9 / reference_s:.1f} GFLOP/s), bagjax {bagjax_macs / 1e9:,.0f} G "
+          f"({2 * bagjax_macs / 1e9 / bagjax_s:.1f} GFLOP/s), "
+          f"{reference_macs / bagjax_macs:.2f}x fewer")
+    print(f"float32 {GEMM}^3 matrix product here: {gemm_gflops:.1f} GFLOP/s; bagjax's multiply-adds at that rate: "
+          f"{ceiling_s:.2f} s per image, a ceiling of {reference_s / ceiling_s:.1f}x for this method")
     print(f"max |heatmap difference| on the {args.patches} reference pixels: {max_diff:.2e}")
     if not max_diff <= tolerance:
         raise SystemExit(f"bagjax and the reference disagree by {max_diff:.2e} > {tolerance:.2e}: "

@@ -14,6 +14,8 @@ from bagjax.errors import UserError
 from bagjax.data import synthetic
 from bagjax.data.preprocess import normalize
 from bagjax.models import create_model
+from bagjax.models.bagnet import STAGE_STRIDES
+from bagjax.models.resnet import stage_plan
 from trainutil import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,7 +73,7 @@ def test_stride1_heatmap_equals_per_pixel_patch_evaluation(name, size, head, chu
     targets = [3, 1]
     heatmaps = interpret.stride1_heatmap(model, variables, images, targets, chunk_pixels=chunk_pixels)
     assert heatmaps.shape == (2, *size)
-    np.testing.assert_allclose(heatmaps, _brute_force_heatmaps(model, variables, images, targets), atol=1e-4)
+    np.testing.assert_allclose(heatmaps, _brute_force_heatmaps(model, variables, images, targets), atol=1e-5)
     single = interpret.stride1_heatmap(model, variables, images[1], targets[1], chunk_pixels=chunk_pixels)
     assert single.shape == size
     np.testing.assert_allclose(single, heatmaps[1], atol=1e-5)
@@ -87,6 +89,35 @@ def test_stride1_heatmaps_of_a_batch_share_passes_and_equal_one_image_at_a_time(
     for image, target, heatmap in zip(images, targets, batched):
         alone = interpret.stride1_heatmap(model, variables, image, target, chunk_pixels=image_pixels)
         np.testing.assert_allclose(heatmap, alone, atol=1e-5)
+
+
+def _a_trous_multiply_adds(model, rows, cols):
+    """Conv multiply-adds of a BagNet evaluated at stride 1 on a ``rows x cols`` input, derived from its layer plan.
+
+    The a-trous form: a conv after cumulative stride d has dilation d and a k x k conv takes (k - 1) * d
+    rows and columns off; every conv is computed at every remaining position, a block's downsample on its
+    whole input (the skip is cropped afterwards).
+    """
+    width = model.width
+    total, cin, dilation = rows * cols * 3 * width, width, 1  # stem 1x1
+    rows, cols = rows - 2, cols - 2
+    total += rows * cols * 9 * width * width  # stem 3x3
+    for _, block, mult, stride, kernel in stage_plan(model.stage_sizes, STAGE_STRIDES, model.kernel3):
+        planes = width * mult
+        total += rows * cols * cin * (planes + (4 * planes if block == 0 else 0))  # conv1 (+ downsample)
+        rows, cols = rows - (kernel - 1) * dilation, cols - (kernel - 1) * dilation
+        total += rows * cols * (kernel * kernel * planes * planes + planes * 4 * planes)  # conv2, conv3
+        cin, dilation = 4 * planes, dilation * stride
+    return total
+
+
+def test_stride1_multiply_adds_are_every_conv_once_per_a_trous_position_per_band():
+    """The count behind docs/benchmarks.md's arithmetic: one pass over the 80 x 72 padded image (41 x 36 grown
+    to whole 8-pixel cells, plus rf - 1), or three bands of 16 rows that each carry rf - 1 rows of halo."""
+    model, variables = _bagnet("bagnet33", "learned")
+    assert interpret.stride1_multiply_adds(model, variables, 41, 36) == _a_trous_multiply_adds(model, 48 + 32, 40 + 32)
+    assert (interpret.stride1_multiply_adds(model, variables, 41, 36, chunk_pixels=16 * 40)
+            == 3 * _a_trous_multiply_adds(model, 16 + 32, 40 + 32))
 
 
 def test_class_evidence_is_the_class_channel_of_patch_logits():
