@@ -167,6 +167,10 @@ class AnchorNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     se_size: str = SE_SIZE
 
+    # No head-only training on cached features (bagjax.training.features): each branch's classifier acts on
+    # attention-weighted class maps, and there is no single 'head' whose input one vector per image could hold.
+    cacheable_head = False
+
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown AnchorNet pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")

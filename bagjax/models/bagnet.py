@@ -20,7 +20,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bagjax.models.heads import Head, check_head
+from bagjax.models.heads import NORMALISING, Head, check_head, pool_for_head
 from bagjax.models.resnet import Bottleneck, conv, norm, stage_plan, torch_momentum
 
 STAGE_STRIDES = (2, 2, 2, 1)
@@ -86,6 +86,18 @@ class BagNet(nn.Module):
     def features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Per-location features ``(B, H', W', n_c)`` before the head."""
         return self(x, train, output="features")
+
+    # Head-only training on cached features (bagjax.training.features): the image logits follow from
+    # pooled_features(x) through the head alone, Head(...)(pooled, normalized=pooled_normalized).
+    cacheable_head = True
+
+    @property
+    def pooled_normalized(self) -> bool:
+        return self.head in NORMALISING  # these heads normalise per location, so the cache holds normalised means
+
+    def pooled_features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """``(B, n_c)``: the mean over locations of what the per-location head multiplies (``pool_for_head``)."""
+        return pool_for_head(self.head, self.features(x, train))
 
     def patch_logits(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Per-patch class evidence ``(B, H', W', C)``; the image logits are its mean over H', W'."""

@@ -120,6 +120,14 @@ class ResNet50(nn.Module):
         """The last block's feature map ``(B, H/32, W/32, n_c)``."""
         return self(x, train, output="features")
 
+    # Head-only training on cached features (bagjax.training.features): the head acts on the pooled feature.
+    cacheable_head = True
+    pooled_normalized = False
+
+    def pooled_features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """``(B, n_c)``: the globally average-pooled feature the head takes."""
+        return jnp.mean(self.features(x, train).astype(jnp.float32), axis=(1, 2))
+
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, output: str = "logits") -> jnp.ndarray:
         check_head(self.head, self.num_classes, self.num_features)

@@ -27,8 +27,9 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from bagjax import cli, data, robust
+from bagjax.errors import UserError
 from bagjax.models import build_model, is_bagnet
-from bagjax.training import checkpoints, checks, optim, precise_bn, sharding
+from bagjax.training import checkpoints, checks, features, optim, precise_bn, sharding
 from bagjax.training.checkpoints import write_dataset_info
 from bagjax.training.lock import lock_workdir
 from bagjax.training.metrics import MetricWriter
@@ -84,11 +85,18 @@ def eval_logits(model_name: str, outputs: Any) -> jax.Array:
 # ----------------------------------------------------------------------------------------------- steps
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optax update on a global batch; returns the new state and the batch's loss and accuracy."""
+    """One optax update on a global batch; returns the new state and the batch's loss and accuracy.
+
+    A batch of cached features (``cache_features``: key ``features`` instead of ``image``) goes through the
+    head alone (bagjax.training.features)."""
     train_bn = not config.freeze_backbone  # a frozen backbone keeps its BatchNorm statistics too
-    images = data.normalize(batch["image"])  # uint8 from the host, normalized on the device
 
     def loss_fn(params):
+        if "features" in batch:
+            logits = features.head_logits(model, params, batch["features"])
+            loss = cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+            return loss, (logits, state.batch_stats)
+        images = data.normalize(batch["image"])  # uint8 from the host, normalized on the device
         variables = {"params": params, "batch_stats": state.batch_stats}
         if train_bn:
             outputs, updates = robust.apply_model(model, variables, images, config, train=True,
@@ -113,9 +121,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-    """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch."""
-    logits = eval_logits(config.model, robust.apply_model(model, state.variables, data.normalize(batch["image"]), config,
-                                                          train=False))
+    """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch (of
+    images, or of cached features)."""
+    if "features" in batch:
+        logits = features.head_logits(model, state.params, batch["features"])
+    else:
+        logits = eval_logits(config.model, robust.apply_model(model, state.variables, data.normalize(batch["image"]),
+                                                              config, train=False))
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -138,10 +150,16 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
     if rf is not None and config.image_size < rf:
         raise ValueError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
                          f"use --config.image_size={rf} or larger")
-    features = getattr(model, "num_features", None)
-    if config.head == "identity" and features is not None and num_classes > features:
-        raise ValueError(f"the identity head needs num_classes <= {features} feature channels, got {num_classes}: "
+    num_features = getattr(model, "num_features", None)
+    if config.head == "identity" and num_features is not None and num_classes > num_features:
+        raise ValueError(f"the identity head needs num_classes <= {num_features} feature channels, got {num_classes}: "
                          "use --config.head=learned or --config.model_kwargs.identity_expand=True")
+    if config.recipe_init_from is not None and config.init_from != config.recipe_init_from:
+        raise UserError(f"configs/folder.py chose its model for init_from={config.recipe_init_from!r}, not "
+                        f"{config.init_from!r}: give the weights in the config argument, --config "
+                        f"configs/folder.py:PATH,init_from={config.init_from or 'DIR'}")
+    if config.cache_features:
+        features.check(config, model)
     if config.init_from and not pathlib.Path(config.init_from).exists():
         raise FileNotFoundError(f"init_from {config.init_from} does not exist: convert the official weights with "
                                 f"python -m bagjax.convert --model {config.model} --torch-weights FILE --out "
@@ -205,8 +223,10 @@ def load_pretrained(path: str) -> tuple[dict[str, Any], str]:
     return variables, f"{meta.get('model', '?')} weights converted from {meta.get('source') or path}"
 
 
-def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Take every pretrained array whose path and shape match; the head is re-initialised when its shape differs.
+def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any],
+                     reinit_head: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Take every pretrained array whose path and shape match; the head is re-initialised when its shape differs,
+    or always with ``reinit_head`` (other classes of the same number).
 
     Returns the merged variables and the paths kept from ``init``. Anything else that does not match is an error.
     """
@@ -221,7 +241,7 @@ def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[
                 break
             node = node[k]
         name = "/".join(keys)
-        if node is not None and tuple(np.shape(node)) == tuple(new.shape):
+        if node is not None and tuple(np.shape(node)) == tuple(new.shape) and not (reinit_head and "head" in keys):
             return jnp.asarray(node, new.dtype)
         if "head" in keys:
             kept.append(name)
@@ -264,10 +284,10 @@ class _Preemption:
             signal.signal(s, handler)
 
 
-def evaluate(p_eval_step, state: TrainState, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
-    """Top-1, top-5 and cross-entropy over the whole eval split, every example counted once."""
+def evaluate(p_eval_step, state: TrainState, batches: Iterator[dict[str, np.ndarray]], mesh) -> dict[str, float]:
+    """Top-1, top-5 and cross-entropy over the whole eval split (``batches``), every example counted once."""
     totals: dict[str, float] = {}
-    for batch in data.eval_batches(config):
+    for batch in batches:
         out = jax.device_get(p_eval_step(state, sharding.global_batch(batch, mesh)))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -338,7 +358,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         variables = jax.jit(init_variables, out_shardings=var_sharding)(jax.random.key(config.seed))
         if config.init_from:
             pretrained, source = load_pretrained(config.init_from)
-            variables, reinit = merge_pretrained(variables, pretrained)
+            variables, reinit = merge_pretrained(variables, pretrained, config.reinit_head)
             print(f"initialised from {source}" + (f"; new head ({len(reinit)} arrays)" if reinit else ""), flush=True)
         state = jax.jit(init_state, out_shardings=state_sharding)(variables)
 
@@ -382,11 +402,17 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
             print(warning, flush=True)
         return metrics
 
+    cache = features.load_or_compute(config, model, state.variables, mesh, workdir) if config.cache_features else None
+
+    def eval_batches():
+        return data.eval_batches(config) if cache is None else features.eval_batches(config, cache)
+
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     cli.raise_if_interrupted()  # a SIGTERM/SIGINT during start-up: one line, nothing written yet to lose
     preemption = _Preemption()
     eval_metrics: dict[str, float] = {}
-    batches: Iterator[dict[str, np.ndarray]] = data.train_batches(config, start_step=start_step)
+    batches: Iterator[dict[str, np.ndarray]] = (data.train_batches(config, start_step=start_step) if cache is None
+                                                else features.train_batches(config, cache, start_step=start_step))
     bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not is_main, mininterval=1.0)
     try:
@@ -419,7 +445,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
             if step % eval_every == 0 or step == total_steps:
                 check_finite()
                 state, bn_cost = with_precise_bn(state, step)
-                eval_metrics = {**evaluate(p_eval_step, state, config, mesh), **bn_cost}
+                eval_metrics = {**evaluate(p_eval_step, state, eval_batches(), mesh), **bn_cost}
                 check_finite_eval(eval_metrics, step, ckpt.directory, config.skip_nonfinite_updates)
                 if step == total_steps:
                     eval_metrics.update(final_guard(state))
@@ -446,7 +472,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         ckpt.close()
 
     if not eval_metrics:  # resumed at the end: evaluate what was restored (its statistics are already precise)
-        eval_metrics = {**evaluate(p_eval_step, state, config, mesh), **final_guard(state)}
+        eval_metrics = {**evaluate(p_eval_step, state, eval_batches(), mesh), **final_guard(state)}
     if is_bagnet(config.model) and config.heatmap_images > 0:
         # Every process takes part: gathering FSDP-sharded parameters that span processes is a collective.
         variables = multihost_utils.process_allgather(state.variables, tiled=True)
