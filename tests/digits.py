@@ -52,3 +52,18 @@ def write_split_folder(root: pathlib.Path, train: Iterable[int], evaluate: Itera
     for split, indices in (("train", train), ("validation", evaluate)):
         _write(root, digits.images, digits.target, split, [i for i in indices if digits.target[i] in keep], upscale)
     return root
+
+
+def few_shot_split(classes: Iterable[int], per_class: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices (train, eval) of the digits of ``classes``: ``per_class`` seeded picks of each for training, all the
+    others for evaluation (the transfer benchmark's target set)."""
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    rng = np.random.default_rng(seed)
+    train, evaluate = [], []
+    for label in classes:
+        indices = rng.permutation(np.flatnonzero(target == label))
+        train += indices[:per_class].tolist()
+        evaluate += indices[per_class:].tolist()
+    return sorted(train), sorted(evaluate)
