@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20, help="target train images per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default="", help="keep the workdirs in this directory (default: a temporary one)")
+    parser.add_argument("--pretrained", default="", help="a workdir of the recipe on the digits 0-4 to fine-tune "
+                        "instead of pretraining here (e.g. KEEP/pretrain of an earlier run)")
     args = parser.parse_args()
     benchargs.at_least(parser, args, per_class=1, seed=0)
     if args.per_class > 150:
@@ -42,12 +44,14 @@ def main() -> None:
         source = digits.write_split_folder(root / "digits0-4", train, evaluate, classes=range(5))
         target = digits.write_split_folder(root / "digits5-9", *digits.few_shot_split(range(5, 10), args.per_class,
                                                                                       args.seed))
-        runs = {"pretrain (0-4, from scratch)": baselines.train(f"folder.py:{source}", root / "pretrain", seed)}
+        runs = {}
+        pretrained = pathlib.Path(args.pretrained) if args.pretrained else root / "pretrain"
+        if not args.pretrained:
+            runs["pretrain (0-4, from scratch)"] = baselines.train(f"folder.py:{source}", pretrained, seed)
         runs["from scratch"] = baselines.train(f"folder.py:{target}", root / "scratch", seed)
-        runs["full fine-tuning"] = baselines.train(f"folder.py:{target},init_from={root / 'pretrain'}",
-                                                   root / "full", seed)
+        runs["full fine-tuning"] = baselines.train(f"folder.py:{target},init_from={pretrained}", root / "full", seed)
         runs["head only (cached features)"] = baselines.train(
-            f"folder.py:{target},init_from={root / 'pretrain'},head_only", root / "head", seed)
+            f"folder.py:{target},init_from={pretrained},head_only", root / "head", seed)
         base = baselines.classical(target)
     finally:
         if not args.keep:
