@@ -12,8 +12,9 @@ from bagjax.errors import UserError
 from digits import digits_split, write_split_folder
 from trainutil import read_metrics, run_train
 
-# bench/folder_recipe.py over seeds 0-2 on the 1,400/397 split (docs/own_images.md): the recipe's eval accuracy
-# minus logistic regression's on the same 32 px images. CI runs seed 0 and asks for this much at least.
+# The recipe's eval accuracy minus logistic regression's on the same 32 px images of the 1,400/397 split
+# (bench/folder_recipe.py, docs/own_images.md): +0.76 points for seed 0 (98.49 vs 97.73 %). Seeds 1 and 2 are
+# not measured yet, so CI asks for logistic regression's accuracy or better.
 MARGIN = 0.0
 
 
