@@ -35,7 +35,8 @@ def train(config_arg: str, workdir: pathlib.Path, *overrides: str) -> dict[str, 
     """``python train.py --config configs/CONFIG_ARG --workdir WORKDIR ...``: its final eval line from
     metrics.jsonl plus ``seconds`` (wall time, start-up and compilation included)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), f"--config={REPO_ROOT / 'configs' / config_arg}",
+    config = REPO_ROOT / "configs" / config_arg
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), f"--config={config}",
                            f"--workdir={workdir}", "--config.heatmap_images=0", *overrides],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode:

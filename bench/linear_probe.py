@@ -50,19 +50,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="train images (digits at 224 px)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--eval-images", type=int, default=100)
     args = parser.parse_args()
-    benchargs.at_least(parser, args, images=10, epochs=1, batch=1)
-    if args.images > 1697:
-        parser.error(f"--images must be at most 1697 (100 eval images), got {args.images}")
+    benchargs.at_least(parser, args, images=10, epochs=1, batch=1, eval_images=1)
+    if args.images + args.eval_images > 1797:
+        parser.error(f"--images plus --eval-images must be at most the 1,797 digits, got "
+                     f"{args.images + args.eval_images}")
     root = pathlib.Path(tempfile.mkdtemp(prefix="bench_linear_probe_"))
     try:
         train, evaluate = digits.digits_split(args.images)
-        folder = digits.write_split_folder(root / "digits", train, evaluate[:100], upscale=SIZE // 8)
+        folder = digits.write_split_folder(root / "digits", train, evaluate[:args.eval_images], upscale=SIZE // 8)
         write_weights(root / "bagnet33")
         common = (f"--config.batch_size={args.batch}", f"--config.num_epochs={args.epochs}",
                   "--config.data.crop_min_area=1.0", "--config.data.crop_aspect_ratio=(1.0,1.0)",
-                  "--config.data.flip=False", "--config.data.crop_fraction=1.0", "--config.eval_batch_size=50",
-                  "--config.precise_bn.guard_batches=1")
+                  "--config.data.flip=False", "--config.data.crop_fraction=1.0",
+                  f"--config.eval_batch_size={min(args.eval_images, 50)}", "--config.precise_bn.guard_batches=1")
         arg = f"folder.py:{folder},init_from={root / 'bagnet33'},head_only"
         cached = baselines.train(arg, root / "cached", *common)
         uncached = baselines.train(arg, root / "uncached", *common, "--config.cache_features=False")

@@ -2,7 +2,7 @@
 
     python train.py --config configs/folder.py:/data/birds --workdir runs/birds
     python train.py --config configs/folder.py:/data/birds,init_from=weights/bagnet33 --workdir runs/birds_ft
-    python train.py --config configs/folder.py:/data/birds,init_from=weights/bagnet33,head_only --workdir runs/birds_head
+    python train.py --config configs/folder.py:/data/birds,init_from=weights/bagnet33,head_only --workdir runs/bh
 
 The folder holds ``train/<label>/*.jpg|png`` and an eval split ``validation/``, ``val/`` or ``test/``. The recipe
 (``bagjax.recipes``; docs/own_images.md) prints what it chose; change anything with ``--config.KEY=VALUE``.

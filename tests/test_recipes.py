@@ -79,9 +79,9 @@ def _workdir(root, classes, model="bagnet17", size=48):
     return root
 
 
-@pytest.mark.parametrize("classes,reinit,fragment", [(("a", "b"), False, "head kept: the same classes"),
-                                                     (("c", "d"), True, "new head: other class names"),
-                                                     (("a", "b", "c"), True, "new head: 2 classes, not the source's 3")])
+@pytest.mark.parametrize("classes,reinit,fragment", [
+    (("a", "b"), False, "head kept: the same classes"), (("c", "d"), True, "new head: other class names"),
+    (("a", "b", "c"), True, "new head: 2 classes, not the source's 3")])
 def test_fine_tuning_adopts_a_workdirs_architecture_and_preprocessing_and_checks_the_classes(
         tmp_path, capsys, classes, reinit, fragment):
     from configs import folder
@@ -94,7 +94,8 @@ def test_fine_tuning_adopts_a_workdirs_architecture_and_preprocessing_and_checks
     assert config.init_from == str(source) and config.reinit_head == reinit and not config.freeze_backbone
     assert fragment in capsys.readouterr().out
     head = folder.get_config(f"{tmp_path / 'f'},init_from={source},head_only")
-    assert head.freeze_backbone and head.cache_features and head.optimizer.learning_rate > config.optimizer.learning_rate
+    assert head.freeze_backbone and head.cache_features
+    assert head.optimizer.learning_rate > config.optimizer.learning_rate
 
 
 def test_init_from_given_only_as_a_config_override_is_refused(tmp_path):
