@@ -60,7 +60,7 @@ def main() -> None:
         print(run["recipe"])
     print("| model | eval accuracy | eval mode / batch stats (guard) | wall time |\n|---|---|---|---|")
     for name, r in runs.items():
-        print(f"| {name} | {r['eval_accuracy']:.2%} ({r['eval_count']} images) | {r['guard_eval_accuracy']:.1%} / "
+        print(f"| {name} | {r['eval_accuracy']:.2%} ({int(r['eval_count'])} images) | {r['guard_eval_accuracy']:.1%} / "
               f"{r['guard_batch_stats_accuracy']:.1%} | {r['seconds']:.0f} s |")
     for name, accuracy in base.items():
         print(f"| {name} (pixels) | {accuracy:.2%} | | |")
