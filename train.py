@@ -15,22 +15,11 @@ cli.catch_interrupts()  # a SIGTERM/SIGINT while JAX imports says what happened,
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from bagjax.data import DatasetUnavailableError  # noqa: E402
 from bagjax.training.checkpoints import DiskFullError, kept_checkpoints  # noqa: E402
-from bagjax.training.lock import WorkdirLockedError  # noqa: E402
-from bagjax.training.loop import NonFiniteLossError  # noqa: E402
-
-# Errors that mean "the user must change something"; they print as one line (see run()).
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NonFiniteLossError, DatasetUnavailableError,
-               WorkdirLockedError, OSError)
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :ARG (e.g. :smoke).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json, metrics and figures.")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_config_flags(FLAGS, "Directory for checkpoints, config.json, metrics and figures.")
 
 
 def main(argv):
@@ -40,7 +29,14 @@ def main(argv):
     pylogging.getLogger("absl").setLevel(pylogging.CRITICAL)
     from bagjax.training.loop import train_and_evaluate
 
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Exception as e:  # a write that met a full disk half way, in orbax's threads or ours
+        if isinstance(e, DiskFullError) or "No space left on device" not in str(e):
+            raise
+        raise DiskFullError(f"disk full while writing a checkpoint in {FLAGS.workdir}: "
+                            f"{kept_checkpoints(FLAGS.workdir)} are intact (a half-written one is never resumed "
+                            "from); free space and rerun the same command") from e
     cli.raise_if_interrupted()  # a signal during the final evaluation, after the loop gave its handlers back
     if result.get("signal") == signal.SIGINT:  # Ctrl-C: checkpointed, and the shell sees an interrupt
         sys.exit(128 + signal.SIGINT)
@@ -52,28 +48,15 @@ HELP_FLAGS = (("--config=configs/NAME.py[:smoke]", "the config (required)"),
 
 
 def run():
-    """Parse flags and train; a user's mistake is one line on stderr, never a traceback.
-
-    ``BAGJAX_TRACEBACK=1`` shows the traceback of such errors too.
-    """
+    """Parse flags and train; a user's mistake is one line on stderr, a bug keeps its traceback
+    (``cli.user_errors``)."""
     if cli.wants_help(sys.argv):
         print(cli.help_text("python train.py --config configs/NAME.py[:smoke] --workdir DIR [--config.KEY=VALUE ...]",
                             "Train a model; rerunning the same command on the same workdir resumes it.", HELP_FLAGS))
         return
-    try:
+    with cli.user_errors():
         cli.parse_config_flags(FLAGS, sys.argv)
-        try:
-            app.run(main, argv=[sys.argv[0]])
-        except USER_ERRORS as e:
-            if os.environ.get("BAGJAX_TRACEBACK") == "1":
-                raise
-            if "No space left on device" in str(e) and not isinstance(e, DiskFullError):  # a write failed half way
-                sys.exit(f"error: disk full while writing a checkpoint in {FLAGS.workdir}: "
-                         f"{kept_checkpoints(FLAGS.workdir)} are intact (a half-written one is never resumed "
-                         "from); free space and rerun the same command")
-            sys.exit(f"error: {' '.join(str(e).split())}")
-    except cli.Interrupted as e:
-        cli.interrupted_exit(e)
+        app.run(main, argv=[sys.argv[0]])
 
 
 if __name__ == "__main__":

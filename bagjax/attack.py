@@ -53,7 +53,7 @@ def pgd_patch(model: nn.Module, variables: Any, images: jax.Array, labels: jax.A
         patch_logits = model.apply(variables, attacked, train=False, method="patch_logits").astype(jnp.float32)
         logits = jax.vmap(lambda p: robust.defended_logits(p, defense, window, **kwargs))(patch_logits)
         margin = jax.vmap(attack_margin)(logits, labels)
-        return margin.sum(), (margin, jnp.argmax(logits, axis=-1) != labels)
+        return margin.sum(), (margin, robust.predicted_class(logits, defense) != labels)
 
     grad_fn = jax.value_and_grad(margins, has_aux=True)
 

@@ -45,6 +45,7 @@ from bagjax import data, patches
 from bagjax.models import create_model
 from bagjax.models.heads import Head
 from bagjax.training.loop import cross_entropy
+from bagjax.errors import UserError
 
 MODES = ("patches", "channels")
 POLICIES = ("none", "alternating", "random", "top")
@@ -86,10 +87,10 @@ def make_schemes(seeds: int, sweep_keeps: Sequence[float] = SWEEP_KEEPS) -> list
     The keep fractions are the sweep's together with Table 1's (random 25/50/75% dropped).
     """
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
     bad = [k for k in sweep_keeps if not 0.0 <= k < 1.0]
     if bad:
-        raise ValueError(f"keep fractions must lie in [0, 1) (1 is the no-blackout scheme), got {bad}")
+        raise UserError(f"keep fractions must lie in [0, 1) (1 is the no-blackout scheme), got {bad}")
     keeps = sorted({round(k, 6) for k in sweep_keeps} | {round(1.0 - d, 6) for d in PAPER_DROPS})
     schemes = [Scheme("none", 1.0), Scheme("alternating", 0.5)]
     schemes += [Scheme("random", k, s) for k in keeps for s in range(seeds)]
@@ -134,7 +135,7 @@ def patch_mask(scheme: Scheme, patch_logits: jax.Array, example_index: jax.Array
         predicted = jnp.argmax(patch_logits.mean(axis=(1, 2)), axis=-1)
         evidence = jnp.take_along_axis(patch_logits, predicted[:, None, None, None], axis=-1)
         return top_k_mask(evidence.reshape(b, n), k).reshape(b, gh, gw)
-    raise ValueError(f"unknown blackout policy {scheme.policy!r}: choose one of {', '.join(POLICIES)}")
+    raise UserError(f"unknown blackout policy {scheme.policy!r}: choose one of {', '.join(POLICIES)}")
 
 
 def kept_patch_logits(patch_logits: jax.Array, mask: jax.Array) -> jax.Array:
@@ -164,7 +165,7 @@ def channel_mask(scheme: Scheme, contributions: jax.Array) -> jax.Array:
         return jnp.broadcast_to(random_mask(scheme.seed, jnp.zeros((1,), jnp.int32), n, k), (b, n))
     if scheme.policy == "top":
         return top_k_mask(contributions, k)
-    raise ValueError(f"unknown blackout policy {scheme.policy!r}: choose one of {', '.join(POLICIES)}")
+    raise UserError(f"unknown blackout policy {scheme.policy!r}: choose one of {', '.join(POLICIES)}")
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -177,8 +178,9 @@ def head_function(model: nn.Module, variables: Any) -> Callable[[jax.Array], jax
 
 def check_channel_mode(model: nn.Module) -> None:
     if getattr(model, "head", None) not in LINEAR_HEADS:
-        raise ValueError(f"--mode channels zeroes fc weight columns and needs a linear head ({', '.join(LINEAR_HEADS)}), "
-                         f"but the model's head is {getattr(model, 'head', None)!r}: use --mode patches")
+        raise UserError(f"--mode channels zeroes fc weight columns and needs a linear head "
+                        f"({', '.join(LINEAR_HEADS)}), "
+                        f"but the model's head is {getattr(model, 'head', None)!r}: use --mode patches")
 
 
 def linear_head_weight(head: Callable[[jax.Array], jax.Array], num_features: int) -> jax.Array:
@@ -235,12 +237,12 @@ def run_blackout(model: nn.Module, variables: Any, config: Any, schemes: Sequenc
     One row per scheme.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown --mode {mode!r}: choose one of {', '.join(MODES)}")
+        raise UserError(f"unknown --mode {mode!r}: choose one of {', '.join(MODES)}")
     patches.receptive_field(model)  # raises for a model without a patch grid
     if mode == "channels":
         check_channel_mode(model)
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"--max-examples must be at least 1, got {max_examples}")
+        raise UserError(f"--max-examples must be at least 1, got {max_examples}")
     size = int(config.image_size)
     shape = patches.grid_shape(model, size, size) if mode == "patches" else (model.num_features,)
     units = int(np.prod(shape))
@@ -271,7 +273,7 @@ def run_blackout(model: nn.Module, variables: Any, config: Any, schemes: Sequenc
     finally:
         bar.close()
     if count == 0:
-        raise ValueError(f"the split {config.data.eval_split!r} is empty: give another --split")
+        raise UserError(f"the split {config.data.eval_split!r} is empty: give another --split")
     return [{"mode": mode, "split": str(config.data.eval_split), "policy": s.policy, "keep_fraction": s.keep,
              "drop_fraction": round(s.drop, 6),
              "kept": scheme_kept(s, shape), "units": units, "seed": s.seed,

@@ -8,6 +8,7 @@ command with one line saying so (the training loop installs its own handlers, wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import os
@@ -15,7 +16,9 @@ import pathlib
 import re
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
+
+from bagjax.errors import PathNotWritableError, UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -71,26 +74,81 @@ def interrupted_exit(e: Interrupted) -> None:
     sys.exit(128 + e.signum)
 
 
-def run_main(main: Callable[[], object], errors: tuple[type[BaseException], ...] = (ValueError, TypeError)) -> None:
-    """Run a command's ``main`` (the experiment commands): the user errors in ``errors``, any ``OSError`` (a path,
-    a permission, a full disk) and ``DatasetUnavailableError`` become one ``error: ...`` line and exit status 1
-    (``BAGJAX_TRACEBACK=1`` shows their traceback instead)."""
-    from bagjax.data.sources import DatasetUnavailableError
+def exit_on_signals() -> None:
+    """SIGTERM/SIGINT end a command that has nothing to save (the experiment commands) at once, in one line.
 
+    Partly written outputs are removed (every output goes through ``bagjax.atomic``, so each file is whole or
+    absent), worker processes are stopped, and the process ends with ``os._exit(128 + signal)``: no traceback,
+    and no interpreter teardown, which crashed (SIGSEGV) when the signal came while XLA was compiling.
+    """
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _exit_now)
+
+
+def _exit_now(signum, frame):
+    from bagjax import atomic  # pylint: disable=g-import-not-at-top
+
+    atomic.remove_partial()
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+    stopped(signum, "every file it wrote is complete, none is half written: rerun the same command", now=True)
+
+
+def stopped(signum: int, detail: str, *, now: bool = False) -> NoReturn:
+    """``error: stopped by SIGNAME: detail`` on stderr, and the shell's status for a signal (128 + its number).
+
+    ``now``: end the process at once (``os._exit``, from a signal handler), else raise SystemExit.
+    """
+    sys.stdout.flush()
+    print(f"error: stopped by {signal.Signals(signum).name}: {detail}", file=sys.stderr, flush=True)
+    if now:
+        os._exit(128 + signum)
+    sys.exit(128 + signum)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """The one error wrapper of every command: a user's mistake becomes one ``error: ...`` line and exit status
+    1; a signal caught at start-up (``Interrupted``) one line and status 128 + its number; anything else is a bug
+    and keeps its traceback.
+
+    A user's mistake is a ``UserError`` (bagjax's own checks), or an ``OSError`` the system raised for a path the
+    command was given to read or write (it names the file: no such file, permission denied, read-only file
+    system, a file in the way) or for a full disk. ``BAGJAX_TRACEBACK=1`` shows the traceback of those too.
+    """
     try:
-        main()
-    except (*errors, OSError, DatasetUnavailableError) as e:
-        if os.environ.get("BAGJAX_TRACEBACK") == "1":
+        yield
+    except Interrupted as e:
+        interrupted_exit(e)
+    except (UserError, OSError) as e:
+        if not is_user_error(e) or os.environ.get("BAGJAX_TRACEBACK") == "1":
             raise
         sys.exit(f"error: {error_line(e)}")
 
 
+def run_main(main: Callable[[], object]) -> None:
+    """Run a command's ``main`` inside ``user_errors`` (``if __name__ == "__main__": cli.run_main(main)``)."""
+    with user_errors():
+        main()
+
+
 _OS_ERROR_HINTS = {errno.EEXIST: "a file is in the way: give a directory path",
                    errno.ENOTDIR: "a file is in the way: give a directory path",
+                   errno.EISDIR: "a directory is in the way: give a file path",
+                   errno.ENOENT: "check that path",
                    errno.EACCES: "choose a path you can write to, or fix its permissions",
                    errno.EPERM: "choose a path you can write to, or fix its permissions",
                    errno.EROFS: "choose a path on a writable file system",
                    errno.ENOSPC: "free disk space and rerun the same command"}
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is a mistake the user fixes (one line) rather than a bug (a traceback); see ``user_errors``."""
+    if isinstance(e, UserError):
+        return True
+    return isinstance(e, OSError) and e.errno in _OS_ERROR_HINTS and bool(e.filename or e.errno == errno.ENOSPC)
 
 
 def error_line(e: BaseException) -> str:
@@ -110,11 +168,11 @@ def check_output_dir(path: str | pathlib.Path, flag: str = "--out") -> pathlib.P
     for p in (path, *path.parents):
         if p.is_dir():
             if not os.access(p, os.W_OK | os.X_OK):
-                raise PermissionError(f"{flag} {path}: cannot write in {p}: choose a directory you can write to")
+                raise PathNotWritableError(f"{flag} {path}: cannot write in {p}: choose a directory you can write to")
             return path
         if p.exists() or p.is_symlink():  # a file, or a link to nothing
-            raise ValueError(f"{flag} {path}: {p} is a file, not a directory: give a directory to write the results "
-                             "to (it is created if missing)")
+            raise UserError(f"{flag} {path}: {p} is a file, not a directory: give a directory to write the results "
+                            "to (it is created if missing)")
     return path
 
 
@@ -128,8 +186,8 @@ def check_workdir_dataset(config, workdir: str | pathlib.Path) -> None:
 
     try:
         data.dataset_info(config)
-    except (data.DatasetUnavailableError, ValueError) as e:
-        kind = data.DatasetUnavailableError if isinstance(e, data.DatasetUnavailableError) else ValueError
+    except UserError as e:
+        kind = data.DatasetUnavailableError if isinstance(e, data.DatasetUnavailableError) else UserError
         raise kind(f"{' '.join(str(e).split())} (this command takes the dataset from "
                    f"{pathlib.Path(workdir) / 'config.json'}: edit \"dataset\" there, or \"data_dir\" / "
                    "\"manual_dir\" under \"data\", to where the data is now)") from None
@@ -169,13 +227,6 @@ def wants_help(argv: Sequence[str]) -> bool:
     return any(a in ("-h", "--help", "--helpshort", "--helpfull", "-help") for a in argv[1:])
 
 
-def _config_arg(message: str, argv: Sequence[str]) -> str:
-    """The --config.KEY=VALUE argument an error message is about (or all of them)."""
-    args = [a for a in argv[1:] if a.startswith("--config.")]
-    named = [a for a in args if a.split("=", 1)[0].rsplit(".", 1)[-1] in message]
-    return " ".join(named or args)
-
-
 def _config_path(argv: Sequence[str]) -> str:
     """The --config file named on the command line (``--config=F`` or ``--config F``)."""
     return next((a.split("=", 1)[1] if "=" in a else argv[i + 2] for i, a in enumerate(argv[1:])
@@ -209,6 +260,58 @@ def unknown_config_key(config, reference, prefix: str = "") -> str | None:
     return None
 
 
+def _loaded_config(flag_values, argv: Sequence[str]):
+    """The ``--config`` file's ConfigDict; loaded again by the flag's own parser when the locked config refused an
+    override (parsing then stops before the flag has a value). None when the file itself does not load."""
+    if "config" not in flag_values:
+        return None
+    flag = flag_values["config"]
+    if flag.value is not None:
+        return flag.value
+    try:
+        return flag.parser.parse(_config_path(argv))
+    except Exception:  # pylint: disable=broad-except  # the file does not load: flag_error reports the first error
+        return None
+
+
+def unknown_override(config, argv: Sequence[str]) -> str | None:
+    """One line for the first ``--config.KEY=VALUE`` whose key the loaded config lacks.
+
+    The config is locked (``lock_config=True``), so ml_collections refuses such a key; this says which one and
+    the closest key at that level, read from the config itself rather than from the refusal's wording.
+    """
+    import ml_collections  # pylint: disable=g-import-not-at-top
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        return None  # the config file did not load: flag_error says why
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--config."):
+            continue
+        node, path = config, []
+        for key in name[len("--config."):].split("."):
+            if not isinstance(node, ml_collections.ConfigDict):
+                break
+            if key not in node:
+                close = difflib.get_close_matches(key, list(node.keys()), n=1)
+                hint = (f"; did you mean {'.'.join([*path, close[0]])!r}?" if close
+                        else "; the config file lists the keys")
+                return f"{arg}: no such config key {'.'.join([*path, key])!r}{hint}"
+            node, path = node[key], [*path, key]
+    return None
+
+
+def define_config_flags(flag_values, workdir_help: str) -> None:
+    """The flags of the config-driven commands (train.py, heads): a locked ``--config`` file and ``--workdir``."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :ARG (e.g. :smoke).",
+                                    flag_values=flag_values, lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help, flag_values=flag_values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
 def parse_config_flags(flag_values, argv: Sequence[str],
                        example: str = "--config.data.flip=False, not --config.data.flip False") -> None:
     """Parse absl flags that include a ``--config`` file (train.py, heads): a bad flag, a config file that does
@@ -219,7 +322,8 @@ def parse_config_flags(flag_values, argv: Sequence[str],
         rest = flag_values(argv)
         flag_values.config.to_dict()  # a config file that failed to load raises here, not in the middle of a run
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
-        sys.exit(f"error: {flag_error(e, argv)}")
+        typo = unknown_override(_loaded_config(flag_values, argv), argv)
+        sys.exit(f"error: {typo or flag_error(e, argv)}")
     if len(rest) > 1:  # absl leaves positional words over, e.g. from `--config.data.flip False`
         sys.exit(f"error: {unexpected_arguments(rest[1:], example)}")
     try:  # the checkout's configs/ (bagjax's wheel does not ship it, and a config file may stand alone)
@@ -241,17 +345,6 @@ def flag_error(e: BaseException, argv: Sequence[str]) -> str:
     if "has no attribute 'get_config'" in str(e):
         return (f"cannot load --config {_config_path(argv)}: a config file defines get_config(arg=None) returning "
                 f"an ml_collections.ConfigDict (see configs/demo.py); use one of {shipped}")
-    if isinstance(e, (KeyError, AttributeError)):  # a misspelt --config.KEY; ml_collections suggests a key
-        text = str(e.args[0]) if e.args else str(e)
-        if "\\n" in text:  # ml_collections nests the KeyError's repr in the message
-            text = text.encode().decode("unicode_escape")
-        text = text.replace("\\'", "'")
-        key, _, suggestion = text.strip().partition("\n")
-        suggestion = suggestion.strip().rstrip("'")
-        key = key.strip().strip("\"'")
-        hint = f"; {suggestion[0].lower()}{suggestion[1:]}" if suggestion else \
-            "; the valid keys are in the config file"
-        return f"{_config_arg(key, argv)}: no such config key {key!r}{hint}"
     text = str(e).strip()
     if "Failed loading config file" in text or isinstance(e.__cause__, OSError):
         reason = text.splitlines()[-1].strip() if text else type(e).__name__

@@ -26,6 +26,7 @@ import numpy as np
 import bagjax
 from bagjax import cli
 from bagjax.models.bagnet import KERNEL3
+from bagjax.errors import PathNotFoundError, UserError
 
 MODELS = ("bagnet9", "bagnet17", "bagnet33", "resnet50")
 ALIASES = {"bagnet8": "bagnet9", "bagnet16": "bagnet17", "bagnet32": "bagnet33"}
@@ -46,7 +47,7 @@ def canonical_name(name: str) -> str:
     """`bagnet9/17/33` or `resnet50`, mapping the official file names bagnet8/16/32 to their rf."""
     name = ALIASES.get(name, name)
     if name not in MODELS:
-        raise ValueError(f"cannot convert model {name!r}: choose one of {', '.join(MODELS + tuple(ALIASES))}")
+        raise UserError(f"cannot convert model {name!r}: choose one of {', '.join(MODELS + tuple(ALIASES))}")
     return name
 
 
@@ -135,7 +136,7 @@ def _fail(problem: str, state_dict: Mapping[str, Any], name: str) -> None:
     guess = guess_model(state_dict)
     hint = (f"these weights look like {guess}: use --model {guess}" if guess and guess != name
             else f"check that the file holds {name} weights")
-    raise ValueError(f"{problem} for {name}; {hint}")
+    raise UserError(f"{problem} for {name}; {hint}")
 
 
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str, dict]:
@@ -184,18 +185,18 @@ def load_torch_file(path: str | os.PathLike) -> Mapping[str, Any]:
     try:
         import torch
     except ImportError as e:
-        raise RuntimeError(_TORCH_MISSING) from e
+        raise UserError(_TORCH_MISSING) from e
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such weights file: {path}")
+        raise PathNotFoundError(f"no such weights file: {path}")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # random bytes, pickles of whole models or optimizer objects
-        raise ValueError(f"{path} is not a PyTorch state_dict (torch.load with weights_only=True cannot read it: "
-                         f"{type(e).__name__}): give the .pth/.pth.tar file of the official weights") from None
+        raise UserError(f"{path} is not a PyTorch state_dict (torch.load with weights_only=True cannot read it: "
+                        f"{type(e).__name__}): give the .pth/.pth.tar file of the official weights") from None
     if not isinstance(loaded, Mapping) or not all(isinstance(k, str) for k in loaded):
-        raise ValueError(f"{path} is not a PyTorch state_dict (it holds a {type(loaded).__name__}, not a dict of "
-                         "named tensors): give the .pth/.pth.tar file of the official weights")
+        raise UserError(f"{path} is not a PyTorch state_dict (it holds a {type(loaded).__name__}, not a dict of "
+                        "named tensors): give the .pth/.pth.tar file of the official weights")
     return loaded
 
 
@@ -220,13 +221,13 @@ def write_pretrained(out_dir: str | os.PathLike, variables: Mapping[str, Any], *
 
     out = pathlib.Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a directory")
+        raise UserError(f"--out {out} is a file: give a directory")
     if is_workdir(out):  # init_from would then read the training checkpoint, not these weights
-        raise ValueError(f"--out {out} is a training workdir: write the converted weights to a directory of "
-                         "their own (init_from takes either kind)")
+        raise UserError(f"--out {out} is a training workdir: write the converted weights to a directory of "
+                        "their own (init_from takes either kind)")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"--out {out} is not empty: pass --overwrite or choose another directory")
+            raise UserError(f"--out {out} is not empty: pass --overwrite or choose another directory")
         if (out / "variables").exists():
             shutil.rmtree(out / "variables")
     out.mkdir(parents=True, exist_ok=True)
@@ -242,8 +243,8 @@ def check_pretrained(path: str | os.PathLike) -> pathlib.Path:
     """``path`` as an absolute path if it looks like a `write_pretrained` directory, else a one-line error."""
     path = pathlib.Path(path).absolute()
     if not (path / "model.json").is_file() or not (path / "variables").is_dir():
-        raise ValueError(f"{path} is not a converted checkpoint (no model.json + variables/): "
-                         "create one with python -m bagjax.convert")
+        raise UserError(f"{path} is not a converted checkpoint (no model.json + variables/): "
+                        "create one with python -m bagjax.convert")
     return path
 
 
@@ -287,13 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing conversion in --out")
     args = parser.parse_args(argv)
     name = canonical_name(args.model)
-    try:
+    with cli.user_errors():
         variables = from_torch_state_dict(name, load_torch_file(args.torch_weights))
         num_classes = variables["params"]["head"]["bias"].shape[0]
         write_pretrained(args.out, variables, model=name, num_classes=num_classes,
                          source=os.path.basename(args.torch_weights), overwrite=args.overwrite)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
     print(f"wrote {name} ({num_parameters(variables):,} parameters, {num_classes} classes) to {args.out}")
 
 

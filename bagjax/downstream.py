@@ -23,6 +23,7 @@ from bagjax import data
 from bagjax.localize import LSP_SLACK, LSP_VISUALIZATION, LSPSettings, crop_patches, localize_patches
 from bagjax.models.anchornet import RECEPTIVE_FIELDS
 from bagjax.workdir import Trained
+from bagjax.errors import UserError
 
 SETTINGS: dict[str, Mapping[int, LSPSettings]] = {"visualization": LSP_VISUALIZATION, "slack": LSP_SLACK}
 PATCH_INPUTS = ("native", "resize")
@@ -42,16 +43,16 @@ class Inputs:
     @staticmethod
     def make(mode: str, anchornet_size: int, classifier_size: int, scale: float = 1.0) -> "Inputs":
         if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"--input-scale must be a positive number, got {scale}")
+            raise UserError(f"--input-scale must be a positive number, got {scale}")
         if mode == "resize":
             if scale != 1.0:
-                raise ValueError("--input-scale applies to --patch-input native only (resize feeds every input "
-                                 "at the classifier's training size); drop one of them")
+                raise UserError("--input-scale applies to --patch-input native only (resize feeds every input "
+                                "at the classifier's training size); drop one of them")
             return Inputs(mode, classifier_size, {rf: classifier_size for rf in RECEPTIVE_FIELDS})
         if mode == "native":
             patch = {rf: max(1, round(rf * scale)) for rf in RECEPTIVE_FIELDS}
             return Inputs(mode, max(1, round(anchornet_size * scale)), patch, scale)
-        raise ValueError(f"unknown --patch-input {mode!r}: choose one of {', '.join(PATCH_INPUTS)}")
+        raise UserError(f"unknown --patch-input {mode!r}: choose one of {', '.join(PATCH_INPUTS)}")
 
 
 def resize(images: jax.Array, size: int) -> jax.Array:
@@ -128,23 +129,23 @@ def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] 
     _check_pair(anchornet, classifier)
     bad = [s for s in settings if s not in SETTINGS]
     if bad or not settings:
-        raise ValueError(f"unknown LSP setting(s) {bad}: choose from {', '.join(SETTINGS)}")
+        raise UserError(f"unknown LSP setting(s) {bad}: choose from {', '.join(SETTINGS)}")
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"--max-examples must be at least 1, got {max_examples}")
+        raise UserError(f"--max-examples must be at least 1, got {max_examples}")
     if patch_batch < 1:
-        raise ValueError(f"--patch-batch must be at least 1, got {patch_batch}")
+        raise UserError(f"--patch-batch must be at least 1, got {patch_batch}")
     config = anchornet.config.copy_and_resolve_references()
     if batch_size is not None:
         if batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         config.eval_batch_size = batch_size
     size = int(config.image_size)
     inputs = Inputs.make(patch_input, size, int(classifier.config.image_size), input_scale)
     smallest, rf = min(inputs.full, *inputs.patch.values()), getattr(classifier.model, "receptive_field", 1)
     if smallest < rf:
-        raise ValueError(f"--input-scale {input_scale:g} gives {smallest} px classifier inputs, below "
-                         f"{classifier.config.model}'s receptive field of {rf} px: use --input-scale "
-                         f"{math.ceil(100 * rf / min(RECEPTIVE_FIELDS)) / 100:g} or more")
+        raise UserError(f"--input-scale {input_scale:g} gives {smallest} px classifier inputs, below "
+                        f"{classifier.config.model}'s receptive field of {rf} px: use --input-scale "
+                        f"{math.ceil(100 * rf / min(RECEPTIVE_FIELDS)) / 100:g} or more")
     steps = Steps(anchornet, classifier, settings, inputs)
     a_vars, c_vars = jax.device_put(anchornet.variables), jax.device_put(classifier.variables)
     total = data.dataset_info(config).num_eval
@@ -201,7 +202,7 @@ def run_lsp(anchornet: Trained, classifier: Trained, *, settings: Sequence[str] 
     finally:
         bar.close()
     if count == 0:
-        raise ValueError("the eval split is empty: check the AnchorNet workdir's config.data.eval_split")
+        raise UserError("the eval split is empty: check the AnchorNet workdir's config.data.eval_split")
     return {
         "images": {k: np.concatenate(v) for k, v in per_image.items()},
         "settings": tuple(settings),
@@ -240,14 +241,14 @@ def _classify_patches(steps: Steps, c_vars: Any, images: jax.Array, located: Map
 
 def _check_pair(anchornet: Trained, classifier: Trained) -> None:
     if anchornet.config.model != "anchornet":
-        raise ValueError(f"--workdir must be an AnchorNet workdir, but it trained {anchornet.config.model!r}: "
-                         "train one with python train.py --config configs/anchornet_demo.py --workdir DIR")
+        raise UserError(f"--workdir must be an AnchorNet workdir, but it trained {anchornet.config.model!r}: "
+                        "train one with python train.py --config configs/anchornet_demo.py --workdir DIR")
     if classifier.config.model == "anchornet":
-        raise ValueError("--downstream must be a classifier workdir (a BagNet or ResNet-50), not an AnchorNet: "
-                         "train one with python train.py --config configs/demo.py --workdir DIR2")
+        raise UserError("--downstream must be a classifier workdir (a BagNet or ResNet-50), not an AnchorNet: "
+                        "train one with python train.py --config configs/demo.py --workdir DIR2")
     if tuple(anchornet.class_names) != tuple(classifier.class_names):
-        raise ValueError(f"the classifier's {len(classifier.class_names)} classes differ from AnchorNet's "
-                         f"{len(anchornet.class_names)}: train both workdirs on the same dataset")
+        raise UserError(f"the classifier's {len(classifier.class_names)} classes differ from AnchorNet's "
+                        f"{len(anchornet.class_names)}: train both workdirs on the same dataset")
 
 
 def _figure_data(batch: Mapping[str, np.ndarray], outputs: Mapping[str, Any], located: Mapping[str, Any],

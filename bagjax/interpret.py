@@ -40,9 +40,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from bagjax import patches
+from bagjax import atomic, patches
 from bagjax.data import MEAN_RGB, STDDEV_RGB
 from bagjax.models.heads import Head
+from bagjax.errors import UserError
 
 Classes = int | Sequence[int] | np.ndarray | jax.Array
 
@@ -51,13 +52,13 @@ def _class_indices(classes: Classes, batch: int, num_classes: int) -> jax.Array:
     """One class per image: an int broadcasts; a sequence must have one entry per image, each in range."""
     idx = np.asarray(classes)
     if not np.issubdtype(idx.dtype, np.integer):
-        raise TypeError(f"classes must be integers, got dtype {idx.dtype}")
+        raise UserError(f"classes must be integers, got dtype {idx.dtype}")
     if idx.ndim == 0:
         idx = np.full((batch,), int(idx))
     if idx.shape != (batch,):
-        raise ValueError(f"classes must be an int or one per image ({batch}), got shape {idx.shape}")
+        raise UserError(f"classes must be an int or one per image ({batch}), got shape {idx.shape}")
     if idx.min() < 0 or idx.max() >= num_classes:
-        raise ValueError(f"classes must lie in [0, {num_classes}), got {idx.tolist()}")
+        raise UserError(f"classes must lie in [0, {num_classes}), got {idx.tolist()}")
     return jnp.asarray(idx, jnp.int32)
 
 
@@ -67,7 +68,7 @@ def _as_batch(images: jax.Array | np.ndarray) -> tuple[jax.Array, bool]:
     if images.ndim == 3:
         return images[None], False
     if images.ndim != 4:
-        raise ValueError(f"images must be HWC or NHWC, got shape {tuple(images.shape)}")
+        raise UserError(f"images must be HWC or NHWC, got shape {tuple(images.shape)}")
     return images, True
 
 
@@ -103,7 +104,7 @@ def class_activation_map(model: nn.Module, variables: Any, images: jax.Array, cl
     """
     head = getattr(model, "head", None)
     if head != "identity" or not hasattr(model, "features"):
-        raise ValueError(f"free CAMs need a model built with head='identity', got head={head!r}")
+        raise UserError(f"free CAMs need a model built with head='identity', got head={head!r}")
     images, _ = _as_batch(images)
     return _class_map(model, variables, images, _class_indices(classes, images.shape[0], model.num_classes),
                       "features")
@@ -123,7 +124,7 @@ def _stride1_conv(module: nn.Conv, x: jax.Array) -> jax.Array:
     """
     if (module.padding not in ("VALID", ((0, 0), (0, 0)), 0) or _as_pair(module.kernel_dilation) != (1, 1)
             or _as_pair(module.input_dilation) != (1, 1) or module.feature_group_count != 1 or module.mask is not None):
-        raise ValueError(f"stride-1 heatmaps need plain unpadded convs (BagNet); {module.name} is not one")
+        raise UserError(f"stride-1 heatmaps need plain unpadded convs (BagNet); {module.name} is not one")
     params = module.variables["params"]
     x, kernel, bias = nn.dtypes.promote_dtype(x, params["kernel"], params.get("bias"), dtype=module.dtype)
     kh, kw = kernel.shape[:2]
@@ -241,7 +242,7 @@ def stride1_heatmap(model: nn.Module, variables: Any, images: jax.Array, target_
     patches.receptive_field(model)
     chunk_pixels = default_chunk_pixels() if chunk_pixels is None else chunk_pixels
     if chunk_pixels < 1:
-        raise ValueError(f"chunk_pixels must be positive, got {chunk_pixels}")
+        raise UserError(f"chunk_pixels must be positive, got {chunk_pixels}")
     batch_images, batched = _as_batch(images)
     classes = _class_indices(target_class, batch_images.shape[0], model.num_classes)
     heatmaps = _stride1_heatmaps(model, variables, batch_images, classes, chunk_pixels)
@@ -291,7 +292,7 @@ def _display_image(image: jax.Array | np.ndarray) -> np.ndarray:
     """uint8 images are shown as they are; float images are taken as normalized and denormalized."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
-        raise ValueError(f"an image must be HWC with 1 or 3 channels, got shape {image.shape}")
+        raise UserError(f"an image must be HWC with 1 or 3 channels, got shape {image.shape}")
     return image if image.dtype == np.uint8 else denormalize(image)
 
 
@@ -323,7 +324,7 @@ def edge_map(image: jax.Array | np.ndarray, *, sigma: float = 1.0, low: float = 
 def symmetric_limit(heatmap: jax.Array | np.ndarray, percentile: float = 99.0) -> float:
     """The colour limit ``v`` of the range ``[-v, v]``: the ``percentile`` of ``|heatmap|`` (reference plot_heatmap)."""
     if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        raise UserError(f"percentile must be in (0, 100], got {percentile}")
     limit = float(np.percentile(np.abs(np.asarray(heatmap, np.float32)), percentile))
     return limit if limit > 0 else 1.0  # an all-zero map still gets a valid colour range
 
@@ -345,7 +346,7 @@ def plot_heatmap(heatmap: jax.Array | np.ndarray, image: jax.Array | np.ndarray 
     """
     heatmap = np.asarray(heatmap, np.float32)
     if heatmap.ndim != 2:
-        raise ValueError(f"heatmap must be 2-D (H, W), got shape {heatmap.shape}")
+        raise UserError(f"heatmap must be 2-D (H, W), got shape {heatmap.shape}")
     ax = _new_axes() if ax is None else ax
     height, width = heatmap.shape if image is None else np.asarray(image).shape[:2]
     extent = (0, width, height, 0)
@@ -368,10 +369,10 @@ def save_heatmap_figure(path: str | os.PathLike, images: jax.Array | np.ndarray,
     """
     images, heatmaps = np.asarray(images), np.asarray(heatmaps)
     if images.ndim != 4 or heatmaps.ndim != 3 or len(images) != len(heatmaps):
-        raise ValueError(f"need images (B, H, W, 3) and heatmaps (B, h, w) with the same B, got {images.shape} "
-                         f"and {heatmaps.shape}")
+        raise UserError(f"need images (B, H, W, 3) and heatmaps (B, h, w) with the same B, got {images.shape} "
+                        f"and {heatmaps.shape}")
     if titles is not None and len(titles) != len(images):
-        raise ValueError(f"need one title per image ({len(images)}), got {len(titles)}")
+        raise UserError(f"need one title per image ({len(images)}), got {len(titles)}")
     figure = Figure(figsize=(6, 3 * len(images)))
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(images), 2, squeeze=False)
@@ -383,7 +384,8 @@ def save_heatmap_figure(path: str | os.PathLike, images: jax.Array | np.ndarray,
             axes[row, 1].set_title(titles[row])
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
+    with atomic.replacing(path) as tmp:  # whole or absent, even if the command is stopped meanwhile
+        figure.savefig(tmp, format="png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from typing import IO, Sequence
 
 from bagjax import cli
+from bagjax.errors import UserError
 
 # After a failure, the other processes usually sit in a collective waiting for the dead one: kill, don't wait.
 _POLL_SECONDS = 0.1
@@ -83,9 +84,9 @@ def launch(command: Sequence[str], *, processes: int, devices_per_process: int, 
            out: IO[str] | None = None) -> int:
     """Run ``python COMMAND`` as ``processes`` JAX processes; 0 if all succeed, else the first failure's status."""
     if processes < 1 or devices_per_process < 1:
-        raise ValueError(f"--processes={processes} and --devices-per-process={devices_per_process} must be >= 1")
+        raise UserError(f"--processes={processes} and --devices-per-process={devices_per_process} must be >= 1")
     if not command:
-        raise ValueError("nothing to run: put the script and its arguments after --, e.g. -- train.py --config ...")
+        raise UserError("nothing to run: put the script and its arguments after --, e.g. -- train.py --config ...")
     out = sys.stdout if out is None else out
     coordinator = f"127.0.0.1:{port or free_port()}"
     lock = threading.Lock()
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return launch(command, processes=args.processes, devices_per_process=args.devices_per_process,
                       port=args.port)
-    except ValueError as e:
+    except UserError as e:  # a flag's value: one line with the --help hint
         parser.error(str(e))
 
 

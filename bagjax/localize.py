@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bagjax.models.anchornet import RECEPTIVE_FIELDS, STRIDE
+from bagjax.errors import UserError
 
 
 class LSPSettings(NamedTuple):
@@ -102,12 +103,12 @@ def lsp(heatmap: jax.Array, *, patch_size: int, stride: int, max_patches: int, i
     order (unused rows are zero), and ``valid`` ``(max_patches,)`` bool. A ``lax.while_loop``: jit and vmap it.
     """
     if heatmap.ndim != 2:
-        raise ValueError(f"lsp takes one (H, W) heatmap; got shape {heatmap.shape} (vmap it for batches)")
+        raise UserError(f"lsp takes one (H, W) heatmap; got shape {heatmap.shape} (vmap it for batches)")
     if min(patch_size, stride, max_patches) < 1:
-        raise ValueError(f"patch_size, stride and max_patches must be >= 1; got {patch_size}, {stride}, "
-                         f"{max_patches}")
+        raise UserError(f"patch_size, stride and max_patches must be >= 1; got {patch_size}, {stride}, "
+                        f"{max_patches}")
     if not 0.0 < coverage <= 1.0:
-        raise ValueError(f"coverage P must be in (0, 1]; got {coverage}")
+        raise UserError(f"coverage P must be in (0, 1]; got {coverage}")
     height, width = heatmap.shape
     n = num_candidates(height, width, coverage)
     limit = max_intersection(patch_size, iou_threshold)
@@ -173,7 +174,7 @@ def crop_patches(images: jax.Array, boxes: jax.Array, valid: jax.Array, *, patch
     that does cross it is shifted inside by ``lax.dynamic_slice``'s clamping.
     """
     if images.shape[1] < patch_size or images.shape[2] < patch_size:
-        raise ValueError(f"patch_size {patch_size} exceeds the image size {images.shape[1:3]}")
+        raise UserError(f"patch_size {patch_size} exceeds the image size {images.shape[1:3]}")
     channels = images.shape[-1]
 
     def crop(image, box):

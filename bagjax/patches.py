@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from bagjax.errors import UserError
+
 
 def _check_bagnet(model: nn.Module) -> None:
     if not hasattr(model, "receptive_field") or not hasattr(model, "patch_logits"):
-        raise TypeError(f"{type(model).__name__} is not a BagNet: patch geometry needs a bounded receptive field")
+        raise UserError(f"{type(model).__name__} is not a BagNet: patch geometry needs a bounded receptive field")
 
 
 def receptive_field(model: nn.Module) -> tuple[int, int]:
@@ -32,8 +34,8 @@ def grid_shape(model: nn.Module, height: int, width: int) -> tuple[int, int]:
     """The patch grid ``(H', W')`` of a ``height x width`` input; raises if the input is below the rf."""
     rf, _ = receptive_field(model)
     if height < rf or width < rf:
-        raise ValueError(f"a {height}x{width} image is smaller than the {rf}x{rf} px receptive field: "
-                         f"use images of at least {rf} px")
+        raise UserError(f"a {height}x{width} image is smaller than the {rf}x{rf} px receptive field: "
+                        f"use images of at least {rf} px")
     return model.grid_shape(height, width)
 
 

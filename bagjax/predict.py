@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from bagjax import cli, data, interpret  # noqa: E402
 from bagjax.models import is_bagnet  # noqa: E402
 from bagjax.workdir import load_trained  # noqa: E402
+from bagjax.errors import PathNotWritableError, UserError  # noqa: E402
 
 
 def preprocess(path: str, config) -> np.ndarray:
@@ -30,7 +31,7 @@ def preprocess(path: str, config) -> np.ndarray:
     from bagjax.data.preprocess import open_image, resize_full
 
     if not os.path.isfile(path):
-        raise ValueError(f"unreadable image {path}: no such file")
+        raise UserError(f"unreadable image {path}: no such file")
     image = open_image(path)
     if config.dataset.startswith("synthetic"):
         return resize_full(image, config.image_size)
@@ -70,15 +71,15 @@ def predict(workdir: str, images: list[str], out: str | None = None, stride1: bo
     trained = load_trained(workdir)
     out_dir = pathlib.Path(out or pathlib.Path(workdir) / "predictions")
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is a file: give a directory for the heatmaps")
+        raise UserError(f"--out {out_dir} is a file: give a directory for the heatmaps")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write_test.{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"cannot write heatmaps to {out_dir} ({e.strerror}): pass --out DIR, a writable "
-                              "directory") from None
+        raise PathNotWritableError(f"cannot write heatmaps to {out_dir} ({e.strerror}): pass --out DIR, a writable "
+                                   "directory") from None
     apply = jax.jit(lambda v, x: trained.model.apply(v, x, train=False))
     normalize = jax.jit(data.normalize)  # uint8 to the device, normalized there
     results = []
@@ -120,10 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stride1", action="store_true", help="exact per-pixel BagNet heatmap (slower)")
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...) or folders of them")
     args = parser.parse_args(argv)
-    try:
+    with cli.user_errors():  # missing or damaged workdir files, an unwritable --out
         results = predict(args.workdir, args.images, args.out, args.stride1)
-    except (OSError, ValueError) as e:  # missing or damaged workdir files, an unwritable --out
-        sys.exit(f"error: {e}")
     if not results:
         sys.exit("error: none of the images could be read (see above)")
 

@@ -10,20 +10,23 @@ aggregation of the patch logits bounds what any content of that window can do, w
   class total (detection). Provable analysis (Algorithm 2, Lemmas 1-2), re-derived here for every window ``w``
   the patch may occupy: a wrong class keeps at most ``t / (1 - T)``, with ``t`` its evidence outside ``w``;
   the true class keeps at least ``S0 - M0``, where ``S0`` is its evidence outside ``w`` and ``M0`` the largest
-  window sum of that evidence with ``w`` zeroed. (The bound subtracts ``M0`` even when the zeroed map itself is
-  below the threshold: for ``T > 0`` an attacker who *adds* true-class evidence in ``w`` can trigger a detection
-  that removes genuine evidence. PatchGuard's code before its 12/2021 fix did not; with ``T = 0``, the setting
-  of the paper's results, both agree.)
+  window sum of that evidence with ``w`` zeroed when that window is detected (``M0 > T * S0``), else the largest
+  such sum over the windows that *overlap* ``w``: an attacker who adds true-class evidence in ``w`` can only
+  trigger a detection of a window that contains some of ``w`` (PatchGuard's ``provable_masking`` since its
+  12/2021 fix; the code before it subtracted nothing there, which such an attacker breaks). An image whose
+  undefended clipped sum already predicts a wrong class is not certified (``provable_masking`` returns 0).
 - **Clipped BagNet** (Zhang et al. 2020): local logits pass through a bounded function ``phi`` with range
   ``[lo, hi]`` (their ``tanh(0.05 x - 1)``) before the mean. Inside the window a patch can lower each location's
   margin ``phi_y - phi_c`` to ``lo - hi`` at worst; outside it the margin is fixed. Certified when, for
   every window and *every* other class, ``sum_outside(phi_y - phi_c) - |w| (hi - lo)`` stays positive.
   (PatchGuard's ``provable_clipping`` checks only the runner-up class, which a third class can beat.)
 
-Predictions break ties towards the lower class index (``argmax``). A certificate needs its worst-case margin to
-exceed a float32 rounding bound (``rounding_tolerance``), so an exact tie never certifies: which class wins it
-depends on rounding. Every function below is pure and works on one image; ``jax.vmap`` them over a batch
-(``certify`` does).
+Ties are broken as PatchGuard breaks them (``predicted_class``): robust masking predicts the largest class index
+among tied classes (``np.argsort(kind='stable')[-1]``), Clipped BagNet and the plain mean the smallest
+(``np.argmax``). The one difference left on purpose: a certificate needs its worst-case margin to exceed a
+float32 rounding bound (``rounding_tolerance``), so an exact tie never certifies (PatchGuard certifies a tie
+that its index order wins; which class wins it in floats depends on rounding). Every function below is pure and
+works on one image; ``jax.vmap`` them over a batch (``certify`` does).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 from flax import linen as nn
 
 from bagjax import patches
+from bagjax.errors import UserError
 
 DEFENSES = ("none", "mask", "clip")
 CBN_ALPHA, CBN_BETA = 0.05, -1.0  # Clipped BagNet's tanh(alpha * x + beta)
@@ -50,7 +54,7 @@ def window_size(patch_px: int, rf: int, stride: int) -> int:
     ``p + rf - 1`` integers ``[a - rf + 1, a + p - 1]``, which hold at most ``ceil((p + rf - 1) / s)`` multiples of s.
     """
     if patch_px < 1:
-        raise ValueError(f"the patch must be at least 1 px, got {patch_px}")
+        raise UserError(f"the patch must be at least 1 px, got {patch_px}")
     return -(-(patch_px + rf - 1) // stride)
 
 
@@ -58,7 +62,7 @@ def window_shape(model: nn.Module, patch_px: int, height: int, width: int) -> tu
     """The window ``(wy, wx)`` of a square ``patch_px`` patch on the model's grid, at most the grid itself."""
     rf, stride = patches.receptive_field(model)
     if patch_px > min(height, width):
-        raise ValueError(f"a {patch_px} px patch does not fit a {height}x{width} image: use a smaller --patch-size")
+        raise UserError(f"a {patch_px} px patch does not fit a {height}x{width} image: use a smaller --patch-size")
     gh, gw = patches.grid_shape(model, height, width)
     w = window_size(patch_px, rf, stride)
     return min(w, gh), min(w, gw)
@@ -99,6 +103,14 @@ def window_masks(grid_shape: tuple[int, int], window: tuple[int, int]) -> jax.Ar
     return jnp.asarray((i >= a) & (i < a + wy) & (j >= b) & (j < b + wx))
 
 
+def window_overlaps(windows: tuple[int, int], window: tuple[int, int]) -> np.ndarray:
+    """Bool ``(ny, nx, ny, nx)``: the window starting at (a, b) shares a location with the one at (a2, b2)."""
+    (ny, nx), (wy, wx) = windows, window
+    rows = np.abs(np.arange(ny)[:, None] - np.arange(ny)[None, :]) < wy
+    cols = np.abs(np.arange(nx)[:, None] - np.arange(nx)[None, :]) < wx
+    return rows[:, None, :, None] & cols[None, :, None, :]
+
+
 def rounding_tolerance(scale: jax.Array, count: int) -> jax.Array:
     """Worst-case float rounding of sums of ``count`` terms of total magnitude ``scale``: ``4 * count * eps * scale``.
 
@@ -109,6 +121,17 @@ def rounding_tolerance(scale: jax.Array, count: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------- masking
+def predicted_class(logits: jax.Array, defense: str) -> jax.Array:
+    """The class a defense predicts from its image logits ``(..., C)``, with PatchGuard's tie-breaking.
+
+    Robust masking (``masking_defense``: ``np.argsort(kind='stable')[-1]``) takes the largest index among tied
+    classes; Clipped BagNet (``clipping_defense``: ``np.argmax``) and the plain mean the smallest.
+    """
+    if defense == "mask":
+        return logits.shape[-1] - 1 - jnp.argmax(jnp.flip(logits, axis=-1), axis=-1)
+    return jnp.argmax(logits, axis=-1)
+
+
 def clip_evidence(patch_logits: jax.Array, clip_max: float = math.inf) -> jax.Array:
     """PatchGuard's clipping of local logits to ``[0, c_h]`` (``c_h = inf``: negatives only)."""
     return jnp.clip(patch_logits, 0.0, clip_max)
@@ -143,10 +166,11 @@ def masking_margins(patch_logits: jax.Array, label: jax.Array, window: tuple[int
     """Provable analysis of robust masking for every window a patch may occupy: ``(safe, margin)``, each ``(ny, nx)``.
 
     ``safe[a, b]``: no content of window (a, b) changes the prediction from ``label``; ``margin`` is the true
-    class's lower bound minus the largest wrong-class upper bound there (negative: possibly attackable).
+    class's lower bound minus the largest wrong-class upper bound there (negative: possibly attackable). As in
+    PatchGuard's ``provable_masking``, nothing is safe when the undefended clipped sum predicts another class.
     """
     if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"the detection threshold T must lie in [0, 1), got {threshold}")
+        raise UserError(f"the detection threshold T must lie in [0, 1), got {threshold}")
     evidence = clip_evidence(patch_logits, clip_max)
     num_classes = evidence.shape[-1]
     total = evidence.sum(axis=(0, 1))
@@ -154,16 +178,22 @@ def masking_margins(patch_logits: jax.Array, label: jax.Array, window: tuple[int
     upper = (total - sums) / (1.0 - threshold)  # Lemma 1: a wrong class keeps at most t / (1 - T)
     true_map = evidence[..., label]
     masks = window_masks(true_map.shape, window)  # (ny, nx, H', W')
+    near = jnp.asarray(window_overlaps(sums.shape[:2], window))  # (ny, nx, ny, nx)
 
-    def largest_remaining(mask: jax.Array) -> jax.Array:
-        return window_sums(jnp.where(mask, 0.0, true_map), window).max()
+    def removable(mask: jax.Array, overlapping: jax.Array) -> jax.Array:
+        """M0: the most true-class evidence outside window ``mask`` that a detection can mask."""
+        zeroed = jnp.where(mask, 0.0, true_map)
+        remaining = window_sums(zeroed, window)
+        largest = remaining.max()
+        return jnp.where(largest > threshold * zeroed.sum(), largest, jnp.max(jnp.where(overlapping, remaining, 0.0)))
 
     outside = total[label] - sums[..., label]
-    lower = outside - jax.vmap(jax.vmap(largest_remaining))(masks)  # S0 - M0
+    lower = outside - jax.vmap(jax.vmap(removable))(masks, near)  # S0 - M0
     others = jnp.arange(num_classes) != label
     margin = lower - jnp.max(jnp.where(others, upper, -jnp.inf), axis=-1)
     tolerance = rounding_tolerance(jnp.max(total) / (1.0 - threshold), true_map.size)
-    return margin > tolerance, margin
+    undefended_correct = predicted_class(total, "mask") == label
+    return (margin > tolerance) & undefended_correct, margin
 
 
 # ----------------------------------------------------------------------------------------------- clipping
@@ -189,7 +219,7 @@ def parse_clip(spec: str) -> Clip:
     if name == "clamp" and values is not None and len(values) == 2 and values[0] < values[1]:
         low, high = values
         return Clip(spec, lambda x: jnp.clip(x, low, high), low, high)
-    raise ValueError(f"unknown clip {spec!r}: use cbn, cbn:ALPHA,BETA (tanh(ALPHA x + BETA)) or clamp:LO,HI (LO < HI)")
+    raise UserError(f"unknown clip {spec!r}: use cbn, cbn:ALPHA,BETA (tanh(ALPHA x + BETA)) or clamp:LO,HI (LO < HI)")
 
 
 def clipped_logits(patch_logits: jax.Array, clip: Clip) -> jax.Array:
@@ -228,8 +258,8 @@ def apply_model(model: nn.Module, variables: Any, images: jax.Array, config, **k
     if not clip:
         return model.apply(variables, images, **kwargs)
     if not hasattr(model, "patch_logits"):
-        raise ValueError(f"config.robust.clip={clip!r} clips patch logits and needs a BagNet, not {config.model}: "
-                         "set config.robust.clip=''")
+        raise UserError(f"config.robust.clip={clip!r} clips patch logits and needs a BagNet, not {config.model}: "
+                        "set config.robust.clip=''")
     phi = parse_clip(clip)
     out = model.apply(variables, images, output="patch_logits", **kwargs)
     if isinstance(out, tuple):  # mutable collections were requested
@@ -247,7 +277,7 @@ def defended_logits(patch_logits: jax.Array, defense: str, window: tuple[int, in
         return masked_logits(patch_logits, window, clip_max=clip_max, threshold=threshold)
     if defense == "clip":
         return clipped_logits(patch_logits, clip or parse_clip("cbn"))
-    raise ValueError(f"unknown defense {defense!r}: choose from {', '.join(DEFENSES)}")
+    raise UserError(f"unknown defense {defense!r}: choose from {', '.join(DEFENSES)}")
 
 
 def window_margins(patch_logits: jax.Array, label: jax.Array, defense: str, window: tuple[int, int], *,
@@ -261,7 +291,7 @@ def window_margins(patch_logits: jax.Array, label: jax.Array, defense: str, wind
     if defense == "none":
         ny, nx = patch_logits.shape[0] - window[0] + 1, patch_logits.shape[1] - window[1] + 1
         return jnp.zeros((ny, nx), bool), jnp.full((ny, nx), -jnp.inf)
-    raise ValueError(f"unknown defense {defense!r}: choose from {', '.join(DEFENSES)}")
+    raise UserError(f"unknown defense {defense!r}: choose from {', '.join(DEFENSES)}")
 
 
 def certify(patch_logits: jax.Array, labels: jax.Array, defense: str, window: tuple[int, int], **kwargs
@@ -271,7 +301,7 @@ def certify(patch_logits: jax.Array, labels: jax.Array, defense: str, window: tu
     An image is certified when every window is safe: then no patch of that size, anywhere, changes its (correct)
     prediction. ``jax.jit`` with ``defense``, ``window`` and the keyword arguments static.
     """
-    predict = jax.vmap(lambda p: jnp.argmax(defended_logits(p, defense, window, **kwargs)))
+    predict = jax.vmap(lambda p: predicted_class(defended_logits(p, defense, window, **kwargs), defense))
     safe, margin = jax.vmap(lambda p, y: window_margins(p, y, defense, window, **kwargs))(patch_logits, labels)
     return {"prediction": predict(patch_logits), "certified": jnp.all(safe, axis=(1, 2)), "safe": safe,
             "margin": margin}

@@ -16,6 +16,7 @@ import ml_collections
 
 from bagjax.models import build_model
 from bagjax.training import checkpoints
+from bagjax.errors import PathNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | None = None) -> Traine
     """Config, model and variables of a workdir (its best checkpoint by eval accuracy, else the latest)."""
     workdir = pathlib.Path(workdir)
     if not checkpoints.is_workdir(workdir):
-        raise FileNotFoundError(f"{workdir} is not a bagjax training workdir (no config.json and checkpoints/): "
+        raise PathNotFoundError(f"{workdir} is not a bagjax training workdir (no config.json and checkpoints/): "
                                 "train one with python train.py --config configs/demo.py --workdir DIR")
     config = checkpoints.read_config(workdir)
     info = checkpoints.read_dataset_info(workdir)

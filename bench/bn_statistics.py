@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from bagjax import cli
+from bagjax.errors import PathNotFoundError
 from bagjax.training import checkpoints, precise_bn
 from bagjax.training.loop import eval_logits
 from bagjax.training.state import TrainState
@@ -39,7 +40,7 @@ def check_step(workdir: str, step: int) -> None:
         saved = ckpt.all_steps()
         ckpt.close()
     if step not in saved:
-        raise FileNotFoundError(f"--step {step}: {workdir} has no checkpoint of that step (saved: "
+        raise PathNotFoundError(f"--step {step}: {workdir} has no checkpoint of that step (saved: "
                                 f"{', '.join(map(str, saved)) or 'none'}): give one of those, or leave --step out "
                                 "for the best")
 

@@ -38,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.flip = True
     config.data.crop_fraction = 0.875     # eval: resize to image_size / crop_fraction, then center crop
     config.data.workers = -1              # Grain worker processes decoding images: -1 = number of cores, 0 = in-process
+    config.data.cache_dir = ""            # image-folder indexes ('' = $XDG_CACHE_HOME/bagjax/folder-index)
+    config.data.allow_changed_data = False  # resume although files were added/removed/changed (docs/data.md)
     config.data.synthetic_train_size = 2000
     config.data.synthetic_eval_size = 500
     config.data.synthetic_image_size = 64

@@ -1,10 +1,11 @@
 """Straightforward per-image, per-window NumPy loops for the certificates of ``bagjax.robust``.
 
 They follow the shape of PatchGuard's ``utils/defense_utils.py`` (``provable_masking``, ``provable_clipping``):
-one window position at a time, slicing the grid, returning at the first window an attacker could use. The
-bounds are the ones bagjax derives (lower bound ``S0 - M0`` of the true class for every threshold, every wrong
-class checked for clipping, a float32 rounding margin), so both must certify the same images. Used by
-tests/test_robust.py and as the baseline of bench/robust.py.
+one window position at a time, slicing the grid, returning at the first window an attacker could use, with
+PatchGuard's definitions for masking (ties to the largest class index, no certificate when the undefended
+clipped sum is wrong, the 12/2021 lower bound that masks only an overlapping window when nothing is detected)
+and bagjax's two deliberate differences (every wrong class checked for clipping, a float32 rounding margin), so
+both must certify the same images. Used by tests/test_robust.py and as the baseline of bench/robust.py.
 """
 
 from __future__ import annotations
@@ -34,19 +35,29 @@ def masked_logits(patch_logits: np.ndarray, window: tuple[int, int], clip_max: f
     return out
 
 
+def masking_prediction(logits: np.ndarray) -> int:
+    """PatchGuard's ``masking_defense`` prediction: the last of a stable argsort (ties: the largest index)."""
+    return int(np.argsort(logits, kind="stable")[-1])
+
+
 def masking_certified(patch_logits: np.ndarray, label: int, window: tuple[int, int], clip_max: float = np.inf,
                       threshold: float = 0.0) -> bool:
     """Robust masking's provable analysis (PatchGuard Algorithm 2), one window position at a time."""
     evidence = np.clip(patch_logits.astype(np.float64), 0.0, clip_max)
     (gh, gw, num_classes), (wy, wx) = evidence.shape, window
     total = evidence.sum(axis=(0, 1))
+    if masking_prediction(total) != label:  # the undefended clipped sum is wrong: provable_masking returns 0
+        return False
     tolerance = 4.0 * gh * gw * EPS32 * total.max() / (1.0 - threshold)
     for a in range(gh - wy + 1):
         for b in range(gw - wx + 1):
             upper = (total - evidence[a:a + wy, b:b + wx].sum(axis=(0, 1))) / (1.0 - threshold)
             zeroed = evidence[..., label].copy()
             zeroed[a:a + wy, b:b + wx] = 0.0
-            largest = max(zeroed[i:i + wy, j:j + wx].sum() for i in range(gh - wy + 1) for j in range(gw - wx + 1))
+            sums = {(i, j): zeroed[i:i + wy, j:j + wx].sum() for i in range(gh - wy + 1) for j in range(gw - wx + 1)}
+            largest = max(sums.values())
+            if not largest > threshold * zeroed.sum():  # nothing detected: only a window overlapping (a, b)
+                largest = max(s for (i, j), s in sums.items() if abs(i - a) < wy and abs(j - b) < wx)
             lower = zeroed.sum() - largest
             if not lower - max(upper[c] for c in range(num_classes) if c != label) > tolerance:
                 return False

@@ -104,9 +104,15 @@ def test_config_runs_one_real_train_step(name, images):
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params))
     batch = next(data.train_batches(config))
-    new_state, metrics = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config))(state, batch)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config))
+    new_state, metrics = step(state, batch)
     assert int(new_state.step) == 1 and bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    if float(optim.learning_rate_schedule(config, *_steps(config, info)[:2])(0)) == 0.0:
+        # a warmup from 0 moves nothing at step 0 (AdamW's decay is scaled by the rate too): take step 1
+        assert not any(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), new_state.params, params)))
+        new_state, metrics = step(new_state, batch)
+        assert int(new_state.step) == 2 and bool(metrics["finite"])
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), new_state.params, params)
-    assert moved["head"] if "head" in moved else any(jax.tree.leaves(moved))
+    assert any(jax.tree.leaves(moved["head"] if "head" in moved else moved))  # the head (or the model) learned
     if config.freeze_backbone:
         assert not any(jax.tree.leaves({k: v for k, v in moved.items() if k != "head"}))

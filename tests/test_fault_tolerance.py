@@ -268,8 +268,7 @@ def test_an_empty_workdir_flag_and_a_workdirs_checkpoints_folder_are_refused(tmp
     (tmp_path / "run" / "config.json").write_text('{"name": "some other project"}')
     checks.check_workdir_arg(str(tmp_path / "run" / "checkpoints"))  # not a config.json that train.py wrote
     (tmp_path / "run" / "config.json").write_text(demo.get_config("smoke").to_json())
-    with pytest.raises(ValueError, match=f"is the checkpoints/ folder of the workdir {tmp_path / 'run'}: use "
-                                         f"--workdir {tmp_path / 'run'} to resume that run"):
+    with pytest.raises(ValueError, match=f"checkpoints/ .*--workdir {tmp_path / 'run'} "):
         checks.check_workdir_arg(str(tmp_path / "run" / "checkpoints") + "/")
     checks.check_workdir_arg(str(tmp_path / "run"))
 
@@ -278,7 +277,7 @@ def test_a_nonfinite_eval_loss_stops_the_run_without_saving(tmp_path):
     from bagjax.training.loop import NonFiniteLossError, check_finite_eval
 
     check_finite_eval({"eval_loss": 1.2}, 4, tmp_path)
-    with pytest.raises(NonFiniteLossError, match="non-finite eval loss at step 4: stopped without saving it"):
+    with pytest.raises(NonFiniteLossError, match="non-finite eval loss at step 4"):
         check_finite_eval({"eval_loss": float("nan")}, 4, tmp_path)
     check_finite_eval({"eval_loss": float("nan")}, 4, tmp_path, skip_nonfinite=True)  # asked to go on: a warning
 
@@ -318,8 +317,7 @@ def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_orbax_writes_anythi
     state = TrainState(step=np.int32(7), params={"w": huge}, batch_stats={}, opt_state=())
     ckpt = Checkpoints(tmp_path)
     try:
-        with pytest.raises(DiskFullError, match=r"^disk full: .* MiB free in .* but the checkpoint of step 7 needs "
-                                                r"about .* MiB; nothing was written and no checkpoint are intact"):
+        with pytest.raises(DiskFullError, match=r"^disk full: .*step 7.*nothing was written"):
             ckpt.save(state)
     finally:
         ckpt.close()

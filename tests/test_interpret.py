@@ -10,6 +10,7 @@ from PIL import Image
 
 import figutil
 from bagjax import interpret
+from bagjax.errors import UserError
 from bagjax.data import synthetic
 from bagjax.data.preprocess import normalize
 from bagjax.models import create_model
@@ -116,14 +117,14 @@ def test_maps_refuse_wrong_models_and_classes():
     learned = create_model("resnet50", num_classes=4, width=8, stage_sizes=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="head='identity'"):
         interpret.class_activation_map(learned, {}, images, 0)
-    with pytest.raises(TypeError, match="not a BagNet"):
+    with pytest.raises(UserError, match="not a BagNet"):
         interpret.stride1_heatmap(learned, {}, images, 0)
     bagnet, variables = _bagnet("bagnet9", "learned")
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         interpret.class_evidence(bagnet, variables, images, [0, 5])
     with pytest.raises(ValueError, match="one per image"):
         interpret.stride1_heatmap(bagnet, variables, images, [0, 1, 2])
-    with pytest.raises(TypeError, match="integers"):
+    with pytest.raises(UserError, match="integers"):
         interpret.stride1_heatmap(bagnet, variables, images, 1.5)
 
 
@@ -153,11 +154,46 @@ def test_plot_heatmap_clips_symmetrically_at_the_percentile():
     assert shown.get_cmap().name == "bwr"
 
 
-def test_the_readme_demo_figure_shows_evidence_on_the_planted_motifs():
-    """docs/demo_heatmaps.png (the demo command's heatmaps.png: a trained BagNet-17, the first 8 validation images
-    of the synthetic set at 48 px): its strong evidence, red or blue, is on every image at least 3 times denser on
-    the planted motif boxes (grown by 4 px, a quarter of the receptive field) than elsewhere, and 80 % of it lies
-    there on average."""
+def test_train_py_heatmap_figure_shows_the_per_pixel_evidence_of_the_predicted_class(tmp_path):
+    """heatmaps.png as train.py writes it (``loop._write_heatmaps``, the code behind the README's demo figure), for
+    the demo model at its smoke size with random weights: each row's heatmap panel is red where the brute-force
+    per-pixel evidence (the reference's generate_heatmap_pytorch) of the model's predicted class is strongly
+    positive and blue where it is strongly negative."""
+    from bagjax import data
+    from bagjax.models import build_model
+    from bagjax.training import loop
+    from configs import demo
+
+    config = demo.get_config("smoke")
+    info = data.dataset_info(config)
+    model = build_model(config, info.num_classes)
+    variables = _random_variables(model, seed=1)
+    loop._write_heatmaps(config, model, variables, tmp_path, info.class_names)  # pylint: disable=protected-access
+    pixels = data.eval_batches(config, process_index=0, process_count=1).__iter__().__next__()["image"]
+    images = jnp.asarray(np.stack([normalize(p) for p in pixels[:config.heatmap_images]]))
+    predicted = np.asarray(jnp.argmax(model.apply(variables, images, train=False), -1))
+    expected = np.asarray(_brute_force_heatmaps(model, variables, images, predicted))
+    figure = figutil.read_figure(tmp_path / "heatmaps.png", (600, 300 * config.heatmap_images))
+    for row, heatmap in enumerate(expected):
+        panels = figure[300 * row:300 * (row + 1)]
+        top, left, bottom, right = figutil.bounding_box(np.any(panels[:, :300] < 250, axis=-1))  # the image
+        size = heatmap.shape[0]
+        ys = (top + (np.arange(size) + 0.5) * (bottom - top) / size).astype(int)
+        xs = (600 - right + (np.arange(size) + 0.5) * (right - left) / size).astype(int)  # mirrored columns
+        shown = panels[ys[:, None], xs[None, :]]
+        limit = np.percentile(np.abs(heatmap), 99)
+        strong_pos, strong_neg = heatmap > 0.7 * limit, heatmap < -0.7 * limit
+        assert strong_pos.sum() + strong_neg.sum() > 50, row
+        assert figutil.red(shown)[strong_pos].mean() > 0.9 if strong_pos.any() else True, row
+        assert figutil.blue(shown)[strong_neg].mean() > 0.9 if strong_neg.any() else True, row
+        assert not figutil.red(shown)[heatmap < 0].any() and not figutil.blue(shown)[heatmap > 0].any(), row
+
+
+def test_the_committed_readme_demo_figure_shows_evidence_on_the_planted_motifs():
+    """The committed docs/demo_heatmaps.png (the demo command's heatmaps.png: a trained BagNet-17, the first 8
+    validation images of the synthetic set at 48 px): its strong evidence, red or blue, is on every image at least 3
+    times denser on the planted motif boxes (grown by 4 px, a quarter of the receptive field) than elsewhere, and
+    80 % of it lies there on average."""
     pixels = figutil.read_figure(ROOT / "docs" / "demo_heatmaps.png", (600, 2400))
     variant, inside = synthetic.get_variant("default"), []
     for row in range(8):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from bagjax import patches
+from bagjax.errors import UserError
 from bagjax.models import create_model
 
 
@@ -39,5 +40,5 @@ def test_patch_boxes_and_extracted_patches_agree():
 
 
 def test_geometry_refuses_models_without_a_bounded_receptive_field():
-    with pytest.raises(TypeError, match="not a BagNet"):
+    with pytest.raises(UserError, match="not a BagNet"):
         patches.receptive_field(create_model("resnet50", num_classes=3))

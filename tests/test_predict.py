@@ -10,19 +10,12 @@ import pytest
 from PIL import Image
 
 import figutil
-from trainutil import ROOT, run_train, train_env
+from trainutil import ROOT, train_env
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("trained") / "run"
-    run_train("demo.py:smoke", workdir, "--config.heatmap_images=0")
-    return workdir
-
-
-def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(trained, tmp_path):
+def test_predict_prints_top_classes_and_writes_a_heatmap_per_image(smoke_workdir, tmp_path):
     workdir = tmp_path / "run"
-    shutil.copytree(trained, workdir)
+    shutil.copytree(smoke_workdir, workdir)
     rng = np.random.default_rng(0)
     image = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 255, (60, 50, 3), dtype=np.uint8)).save(image)
@@ -73,8 +66,8 @@ def _predict_error(capsys, *argv: str) -> str:
     return str(exit_info.value.code)
 
 
-def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(trained, tmp_path, capsys):
-    workdir = trained
+def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(smoke_workdir, tmp_path, capsys):
+    workdir = smoke_workdir
     image = tmp_path / "photo.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
     broken = tmp_path / "broken.jpg"
@@ -106,6 +99,6 @@ def test_predict_on_damaged_workdirs_and_bad_outputs_is_one_line(trained, tmp_pa
 def test_running_the_interpret_library_points_to_predict():
     proc = subprocess.run([sys.executable, "-m", "bagjax.interpret", "--workdir", "run", "photo.jpg"], cwd=ROOT,
                           env=train_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        "error: bagjax.interpret is the heatmap library (see its docstring); for the heatmaps of image files run "
-        "python -m bagjax.predict --workdir WORKDIR IMAGE|FOLDER [--stride1]"], proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "python -m bagjax.predict --workdir WORKDIR IMAGE|FOLDER" in lines[0]

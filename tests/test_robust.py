@@ -1,5 +1,6 @@
 """Certified robustness to adversarial patches (bagjax.robust) and the patch attack that checks it (bagjax.attack)."""
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 import robust_reference
 from bagjax import attack, patches, robust
+from bagjax.errors import UserError
 from bagjax.experiments import patch_robustness
 from bagjax.models import create_model
 from bagjax.workdir import load_trained
@@ -86,9 +88,6 @@ def test_masked_logits_known_answer_and_ties():
     np.testing.assert_array_equal(robust.masked_logits(logits, (2, 2), clip_max=0.5), [2.5, 0.0, 0.0])
     # detection threshold T: class 0's best window holds 4/9 < 0.5 of it, so it is not masked
     np.testing.assert_array_equal(robust.masked_logits(logits, (2, 2), threshold=0.5), [9.0, 0.0, 0.0])
-    # a tie after masking goes to the lower class index, as argmax does
-    tied = np.ones((2, 2, 2), np.float32)
-    assert int(jnp.argmax(robust.masked_logits(tied, (1, 1)))) == 0
 
 
 def test_masking_certificate_known_answers_with_tie_and_border():
@@ -131,6 +130,51 @@ def test_threshold_lower_bound_holds_against_an_attacker_who_adds_true_class_evi
     np.testing.assert_array_equal(robust.masked_logits(attacked, (1, 2), threshold=0.5), [6.0, 7.5])
     safe, margin = robust.masking_margins(jnp.asarray(grid), 0, (1, 2), threshold=0.5)
     assert float(margin[0, 0]) == 6.0 - 7.5 and not bool(safe[0, 0])
+
+# PatchGuard fidelity (utils/defense_utils.py of inspire-group/PatchGuard): one hand grid per definition.
+def test_patchguard_ties_go_to_the_largest_class_index_under_masking():
+    """``masking_defense`` predicts ``np.argsort(kind='stable')[-1]``; ``clipping_defense`` ``np.argmax``."""
+    tied = np.ones((2, 2, 3), np.float32)  # every class: 4 - 1 after masking a 1x1 window
+    tied[..., 1] = 0.5
+    masked = robust.masked_logits(jnp.asarray(tied), (1, 1))
+    np.testing.assert_array_equal(masked, [3.0, 1.5, 3.0])
+    assert int(robust.predicted_class(masked, "mask")) == 2 == robust_reference.masking_prediction(np.asarray(masked))
+    assert int(robust.predicted_class(masked, "clip")) == 0 == int(np.argmax(np.asarray(masked)))
+    out = robust.certify(jnp.asarray(tied)[None], jnp.asarray([2]), "mask", (1, 1))
+    assert int(out["prediction"][0]) == 2 and not bool(out["certified"][0])  # a tie never certifies (rounding)
+
+
+def test_patchguard_does_not_certify_an_image_whose_undefended_clipped_sum_is_wrong():
+    """Class 1 has one strong location in the centre of a 3x3 grid, which every 2x2 window covers: masking
+    removes it wherever the patch is, so the bound holds (margin 2 everywhere), but the undefended clipped sum
+    (10 against 8) predicts class 1 and ``provable_masking`` returns 0 (incorrect clean prediction)."""
+    grid = np.zeros((3, 3, 2), np.float32)
+    grid[..., 0] = 1.0
+    grid[1, 1] = [0.0, 10.0]
+    safe, margin = robust.masking_margins(jnp.asarray(grid), 0, (2, 2))
+    np.testing.assert_array_equal(margin, np.full((2, 2), 2.0))  # class 0 keeps 5 - 3, class 1 at most 0
+    assert int(robust.predicted_class(robust.masked_logits(jnp.asarray(grid), (2, 2)), "mask")) == 0
+    assert not bool(safe.any()) and not robust_reference.masking_certified(grid, 0, (2, 2))
+    grid[1, 1, 1] = 7.0  # 7 < 8: the undefended sum is right, and the same bound certifies
+    assert bool(robust.masking_margins(jnp.asarray(grid), 0, (2, 2))[0].all())
+
+
+def test_patchguard_bound_without_detection_masks_only_a_window_overlapping_the_patch():
+    """T = 0.5, patch window {0, 1} of a 1x8 grid: class 0's zeroed map [0, 0, 0, 3, 3, 3, 3, 3] has its largest
+    window 6 <= T * 15, so nothing is detected; a patch in {0, 1} can only trigger a detection of a window that
+    overlaps it ({0, 1} or {1, 2}, holding 0 genuine evidence), so class 0 keeps 15 (PatchGuard since 12/2021),
+    not 15 - 6 = 9 (the largest window anywhere), and beats class 1's 6 / (1 - T) = 12."""
+    grid = np.zeros((1, 8, 2), np.float32)
+    grid[0, :, 0] = [3, 3, 0, 3, 3, 3, 3, 3]
+    grid[0, 2:, 1] = 1.0
+    safe, margin = robust.masking_margins(jnp.asarray(grid), 0, (1, 2), threshold=0.5)
+    assert float(margin[0, 0]) == 15.0 - 12.0 and bool(safe[0, 0])
+    # the certificate holds against every content of the window: true- and wrong-class evidence, any amount
+    for values in itertools.product([0.0, 1.0, 3.0, 6.0, 20.0, 100.0], repeat=4):
+        attacked = grid.copy()
+        attacked[0, :2] = np.reshape(values, (2, 2))
+        masked = robust_reference.masked_logits(attacked, (1, 2), threshold=0.5)
+        assert robust_reference.masking_prediction(masked) == 0, values
 
 
 # ----------------------------------------------------------------------------------------------- clipping
@@ -183,8 +227,8 @@ def test_certificates_equal_the_reference_loops(defense, kwargs):
     if defense == "mask":
         expected = [robust_reference.masking_certified(p, y, window, kwargs.get("clip_max", np.inf),
                                                        kwargs.get("threshold", 0.0)) for p, y in zip(logits, labels)]
-        predictions = [np.argmax(robust_reference.masked_logits(p, window, kwargs.get("clip_max", np.inf),
-                                                                kwargs.get("threshold", 0.0))) for p in logits]
+        predictions = [robust_reference.masking_prediction(robust_reference.masked_logits(
+            p, window, kwargs.get("clip_max", np.inf), kwargs.get("threshold", 0.0))) for p in logits]
         np.testing.assert_array_equal(out["prediction"], predictions)
     else:
         clip = kwargs["clip"]
@@ -336,7 +380,7 @@ def test_cli_rejects_bad_input_in_one_line(smoke, tmp_path):
     shutil.copytree(workdir, resnet)
     config = json.loads((resnet / "config.json").read_text())
     (resnet / "config.json").write_text(json.dumps({**config, "model": "resnet50"}))
-    with pytest.raises(TypeError, match="is not a BagNet"):
+    with pytest.raises(UserError, match="is not a BagNet"):
         patch_robustness.main(["--workdir", str(resnet)])
     assert not (workdir / "robustness").exists()  # nothing was written for bad input
 

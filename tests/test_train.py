@@ -29,9 +29,9 @@ def test_every_config_runs_its_smoke_variant(config, tmp_path):
 def test_unknown_config_key_is_a_one_line_error(tmp_path):
     proc = run_train("demo.py:smoke", tmp_path, "--config.batch_sise=8", check=False)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [
-        'error: --config.batch_sise=8: no such config key \'batch_sise\'; did you mean "batch_size" instead of '
-        '"batch_sise"?'], proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --config.batch_sise=8: "), proc.stderr
+    assert "'batch_sise'" in lines[0] and "did you mean 'batch_size'" in lines[0]
 
 
 def test_a_missing_config_file_and_an_empty_workdir_are_one_line_errors(tmp_path):
@@ -88,7 +88,8 @@ def test_help_lists_the_configs_and_the_common_overrides(command):
     assert "--config.total_steps=N" in proc.stdout and "--config.optimizer.learning_rate=X" in proc.stdout
 
 
-@pytest.mark.parametrize("module", ["predict", "convert", "launch", "experiments.blackout", "experiments.lsp"])
+@pytest.mark.parametrize("module", ["predict", "explore", "convert", "launch", "experiments.blackout",
+                                    "experiments.lsp"])
 def test_every_argparse_command_has_a_working_help(module, capsys):
     main = importlib.import_module(f"bagjax.{module}").main
     with pytest.raises(SystemExit) as exit_info:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -29,8 +28,10 @@ import grain
 import numpy as np
 from absl import flags
 
+from bagjax.data import fingerprint
 from bagjax.data import preprocess
 from bagjax.data import sources
+from bagjax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class DatasetInfo:
     num_train: int  # Examples in the train split (after skipping unreadable files).
     num_eval: int  # Examples in the eval split.
     num_skipped: int = 0  # Unreadable files skipped (imagefolder), summed over splits.
+    fingerprint: dict[str, Any] | None = None  # What the data is (bagjax.data.fingerprint), kept in the workdir.
 
 
 def _source(config):
@@ -63,6 +65,8 @@ def dataset_info(config) -> DatasetInfo:
         num_train=source.num_examples(config.data.train_split),
         num_eval=source.num_examples(config.data.eval_split),
         num_skipped=source.num_skipped,
+        fingerprint=fingerprint.of_source(source, str(config.dataset),
+                                          {'train': config.data.train_split, 'eval': config.data.eval_split}),
     )
 
 
@@ -85,7 +89,7 @@ def resolve_processes(
 def per_process(global_batch: int, process_count: int, what: str) -> int:
     """The per-process share of a global batch; it must divide evenly."""
     if global_batch <= 0 or global_batch % process_count:
-        raise ValueError(
+        raise UserError(
             f'{what}={global_batch} must be a positive multiple of the process count '
             f'{process_count}'
         )
@@ -93,11 +97,8 @@ def per_process(global_batch: int, process_count: int, what: str) -> int:
 
 
 def num_workers(config) -> int:
-    """config.data.workers, with -1 meaning one worker process per core."""
-    workers = int(config.data.get('workers', -1))
-    if workers < -1:
-        raise ValueError(f'data.workers={workers}: use -1 (one per core), 0 (in-process) or a count')
-    return (os.cpu_count() or 1) if workers == -1 else workers
+    """config.data.workers, with -1 meaning one worker process per core, capped to the available cores."""
+    return sources.capped_workers(int(config.data.get('workers', -1)))
 
 
 # Transforms: module-level callables, so the pipeline pickles into spawned worker processes.
@@ -168,7 +169,7 @@ def train_dataset(
     seed, split = int(config.seed), config.data.train_split
     records = source.records(split)
     if len(records) == 0:
-        raise ValueError(f'dataset {config.dataset!r}: train split {split!r} has no examples')
+        raise UserError(f'dataset {config.dataset!r}: train split {split!r} has no examples')
     augment = _Augment(
         size=int(config.image_size),
         scale=_train_scale(source, config),
@@ -259,7 +260,7 @@ def iterate(dataset: grain.MapDataset, workers: int) -> Iterator[Batch]:
     if workers > 0:
         line = unguarded_main_line()
         if line is not None:
-            raise RuntimeError(
+            raise UserError(
                 f'{sys.modules["__main__"].__file__}:{line} asks for batches from {workers} worker processes '
                 "at the script's top level, which every worker would rerun: put that code under "
                 "`if __name__ == '__main__':`, or set config.data.workers = 0"

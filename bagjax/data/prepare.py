@@ -16,7 +16,6 @@ TFRecord files stay; the conversion can be rerun and skips finished shards.
 from __future__ import annotations
 
 import os
-import sys
 
 import tqdm
 
@@ -81,12 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     kind, _, name = args.dataset.partition(':')
     if kind != 'tfds' or not name:
         parser.error(f"expected tfds:NAME[/CONFIG], got {args.dataset!r} (imagefolder and synthetic need no step)")
-    try:
+    with cli.user_errors():
         print(prepare(name, args.data_dir, args.manual_dir), flush=True)
-    except sources.DatasetUnavailableError as e:
-        if os.environ.get('BAGJAX_TRACEBACK') == '1':
-            raise
-        sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

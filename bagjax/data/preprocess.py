@@ -24,6 +24,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from bagjax.errors import UserError
+
 MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STDDEV_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -102,7 +104,7 @@ def open_rgb(source: str | bytes, *, draft_size: int | None = None) -> Image.Ima
 def load_image_file(path: str) -> np.ndarray:
     """Reads an image file as RGB uint8 HWC (odd modes converted, see to_rgb)."""
     if not os.path.isfile(path):
-        raise ValueError(f'unreadable image {path}: no such file')
+        raise UserError(f'unreadable image {path}: no such file')
     return np.asarray(open_rgb(path), dtype=np.uint8)
 
 
@@ -122,7 +124,7 @@ def _as_pil(
         return to_rgb(image)
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-        raise ValueError(
+        raise UserError(
             f'expected an RGB uint8 HWC image, got dtype {array.dtype} shape {array.shape}'
         )
     return Image.fromarray(array)
@@ -202,7 +204,7 @@ def preprocess_for_eval(
     Matches torchvision Resize(256) + CenterCrop(224) for image_size 224.
     """
     if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction}')
+        raise UserError(f'crop_fraction must be in (0, 1], got {crop_fraction}')
     image = image_uint8_hwc
     short = int(math.floor(image_size / crop_fraction + 1e-6))
     width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]

@@ -12,7 +12,6 @@ opened, not yet decoded, PIL image; preprocess.py decodes and transforms it
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -28,15 +27,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bagjax.data import fingerprint
+from bagjax.data import folder_index
 from bagjax.data import preprocess
 from bagjax.data import splits
 from bagjax.data import synthetic
+from bagjax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# tfds.folder_dataset.ImageFolder's layout rules (mirrored, see ImageFolderSource).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-_SCAN_DRAFT_SIZE = 64
+IMAGE_EXTENSIONS = folder_index.IMAGE_EXTENSIONS
+
 _NAMES_IN_WARNING = 5
 _DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 # TFDS retries each URL 10 times with exponential backoff (0.2 s doubling: ~205 s before an offline machine
@@ -45,7 +46,7 @@ _DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 _DOWNLOAD_RETRIES = 4
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserError, RuntimeError):
     """A tfds dataset cannot be found or prepared (typically: offline), or is not in ArrayRecord."""
 
 
@@ -114,6 +115,8 @@ class SourceOptions:
     synthetic_train_size: int
     synthetic_eval_size: int
     synthetic_image_size: int
+    cache_dir: str = ''  # Where image-folder indexes are cached ('' = folder_index.default_cache_dir()).
+    scan_workers: int = 1  # Processes of an image-folder scan.
 
     @classmethod
     def from_config(cls, config) -> SourceOptions:
@@ -127,7 +130,37 @@ class SourceOptions:
             synthetic_train_size=int(data.synthetic_train_size),
             synthetic_eval_size=int(data.synthetic_eval_size),
             synthetic_image_size=int(data.synthetic_image_size),
+            cache_dir=str(data.get('cache_dir', '')),
+            scan_workers=capped_workers(int(data.get('workers', -1)), quiet=True) or available_cores(),
         )
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or taskset may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # Not on Linux.
+        return os.cpu_count() or 1
+
+
+_capped_warned: set[tuple[int, int]] = set()
+
+
+def capped_workers(workers: int, *, quiet: bool = False) -> int:
+    """config.data.workers as a process count: -1 is one per available core, and more than the available
+    cores is capped to them (one line, once): extra decoding processes only compete for the same cores."""
+    if workers < -1:
+        raise UserError(f'data.workers={workers}: use -1 (one per core), 0 (in-process) or a count')
+    cores = available_cores()
+    if workers == -1:
+        return cores
+    if workers > cores:
+        if not quiet and (workers, cores) not in _capped_warned:
+            _capped_warned.add((workers, cores))
+            print(f'data: workers={workers} capped to the {cores} available cores (more processes than cores '
+                  f'only compete for them); set config.data.workers={cores} or -1 to silence this', flush=True)
+        return cores
+    return workers
 
 
 def get_source(options: SourceOptions):
@@ -144,7 +177,7 @@ def _get_source(options: SourceOptions):
         return ImageFolderSource(rest, options)
     if kind == 'tfds' and rest:
         return TfdsSource(rest, options)
-    raise ValueError(
+    raise UserError(
         f"unknown dataset spec '{options.spec}': use 'tfds:NAME[/CONFIG]', "
         "'imagefolder:PATH' (PATH/<split>/<label>/*.jpg|png) or 'synthetic[:VARIANT]'"
     )
@@ -164,6 +197,7 @@ class SyntheticSource:
         self.class_names = self._variant.class_names
         self.num_skipped = 0
         self.image_size = self._variant.image_size or options.synthetic_image_size
+        self.location = ''
 
     def _split(self, split: str) -> tuple[synthetic.SyntheticSplit, int, int]:
         spec = splits.parse_split(split)
@@ -184,6 +218,13 @@ class SyntheticSource:
         data, lo, hi = self._split(split)
         return ArrayRecords(data.images[lo:hi], data.labels[lo:hi])
 
+    def membership(self, split: str) -> dict[str, Any]:
+        """The split's fingerprint (fingerprint.py): the examples are a function of the variant and the sizes."""
+        _, lo, hi = self._split(split)
+        n = self.num_examples(split)
+        return fingerprint.membership(n, [fingerprint.digest([self._variant_name, split, str(lo), str(hi),
+                                                              str(self.image_size)])])
+
     def boxes(self, split: str, index: int) -> np.ndarray:
         """Motif boxes (M, 4) as (y0, x0, y1, x1) in native synthetic pixels."""
         data, lo, _ = self._split(split)
@@ -198,20 +239,11 @@ def _list_dirs(path: str, root: str) -> list[str]:
             if entry.is_dir():
                 names.append(entry.name)
         except OSError as e:
-            raise ValueError(
+            raise UserError(
                 f"imagefolder '{root}': cannot read '{os.path.relpath(entry.path, root)}' "
                 f'({e.strerror}, e.g. a symlink loop): remove or fix it'
             ) from None
     return sorted(names)
-
-
-def _check_readable(path: str) -> str | None:
-    """None if the file decodes completely, else the one-line reason."""
-    try:
-        preprocess.open_rgb(path, draft_size=_SCAN_DRAFT_SIZE)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 class ImageFolderSource:
@@ -219,15 +251,21 @@ class ImageFolderSource:
 
     Mirrors tfds.folder_dataset.ImageFolder: splits are the sub-directories,
     files are matched by extension (case-insensitive), listed in sorted
-    (label, file) order, then shuffled with random.Random(split_name) -- so
-    'train[:70%]' takes a class-mixed slice exactly like TFDS would order it.
+    (label, file) order, then shuffled with random.Random(split_name).
     ImageFolder itself is not used because it decodes with TF (one bad file
     aborts the pipeline) and merges the labels of all splits; here the class
     mapping is the sorted label dirs of the train split and every other split
-    must have the same label dirs. Each file is decoded once by a scan (PIL,
-    threads); unreadable ones are skipped, counted and reported. The train
-    split needs at least 2 classes, and a label dir without images is an error
-    there (a warning in other splits): it would be a class nothing can teach.
+    must have the same label dirs. Files are indexed once (folder_index.py:
+    decoded by a parallel scan, cached, revalidated by stat on later runs);
+    unreadable ones are skipped, counted and reported. The train split needs
+    at least 2 classes, and a label dir without images is an error there (a
+    warning in other splits): it would be a class nothing can teach.
+
+    A slice in percents, 'train[:80%]' / 'train[80%:]', is a stable hash split
+    (splits.stable_position of a file's path inside its label dir): adding or
+    removing files never moves another file across it, and neither does
+    renaming a label dir. A slice in counts ('train[:100]') takes positions of
+    the shuffled list, as TFDS does.
     """
 
     eval_center_crop = True
@@ -236,19 +274,21 @@ class ImageFolderSource:
     def __init__(self, root: str, options: SourceOptions):
         self.root = os.path.abspath(os.path.expanduser(root))
         if not os.path.isdir(self.root):
-            raise ValueError(
+            raise UserError(
                 f"imagefolder path '{self.root}' is not a directory: expected PATH/<split>/<label>/*.jpg"
             )
+        self.location = self.root
+        self._options = options
         self._splits = _list_dirs(self.root, self.root)
         self._train_name = splits.parse_split(options.train_split).name
         self.class_names = tuple(self._labels_of(self._train_name))
         if len(self.class_names) < 2:
-            raise ValueError(
+            raise UserError(
                 f"imagefolder '{self.root}': train split '{self._train_name}' has "
                 f'{len(self.class_names)} label directory(ies) {list(self.class_names)}; a classifier '
                 'needs at least 2 classes: add PATH/<split>/<label>/ folders'
             )
-        self._files: dict[str, tuple[tuple[str, int], ...]] = {}
+        self._files: dict[str, tuple[folder_index.Entry, ...]] = {}
         self._skipped: dict[str, int] = {}
         for split in (options.train_split, options.eval_split):
             self._readable(splits.parse_split(split).name)
@@ -260,71 +300,77 @@ class ImageFolderSource:
 
     def _labels_of(self, split_name: str) -> list[str]:
         if split_name not in self._splits:
-            raise ValueError(
+            raise UserError(
                 f"imagefolder '{self.root}' has no split directory '{split_name}': found {self._splits}"
             )
         return _list_dirs(os.path.join(self.root, split_name), self.root)
 
-    def _readable(self, split_name: str) -> tuple[tuple[str, int], ...]:
+    def _readable(self, split_name: str) -> tuple[folder_index.Entry, ...]:
         if split_name in self._files:
             return self._files[split_name]
         labels = self._labels_of(split_name)
         if tuple(labels) != self.class_names:
             missing = sorted(set(self.class_names) - set(labels))
             extra = sorted(set(labels) - set(self.class_names))
-            raise ValueError(
+            raise UserError(
                 f"imagefolder '{self.root}': split '{split_name}' label dirs differ from train split "
                 f"'{self._train_name}' (missing {missing}, extra {extra}); the class mapping is the "
                 'sorted label dirs of the train split, so give every split the same label dirs'
             )
-        examples, empty = [], []
-        for label_id, label in enumerate(labels):
-            label_dir = os.path.join(self.root, split_name, label)
-            files = [
-                (os.path.join(label_dir, f), label_id)
-                for f in sorted(os.listdir(label_dir))
-                if f.lower().endswith(IMAGE_EXTENSIONS)
-            ]
-            examples.extend(files)
-            if not files:
-                empty.append(label)
+        index = folder_index.index_split(os.path.join(self.root, split_name), labels,
+                                         cache_dir=self._options.cache_dir, workers=self._options.scan_workers)
+        present = {e.label for e in index.entries}
+        empty = [label for i, label in enumerate(labels) if i not in present]
         if empty:
             message = (
                 f"imagefolder '{self.root}': label dir(s) {empty} of split '{split_name}' hold no "
                 f'{"/".join(IMAGE_EXTENSIONS)} files'
             )
             if split_name == self._train_name:
-                raise ValueError(f'{message}: add images or remove the empty dirs')
+                raise UserError(f'{message}: add images or remove the empty dirs')
             logger.warning('%s: those classes are not evaluated', message)
-        random.Random(split_name).shuffle(examples)
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            problems = list(pool.map(_check_readable, [path for path, _ in examples]))
-        bad = [path for path, problem in zip(examples, problems) if problem is not None]
+        bad = index.unreadable
         if bad:
-            names = ', '.join(os.path.relpath(p, self.root) for p, _ in bad[:_NAMES_IN_WARNING])
+            names = ', '.join(os.path.join(split_name, e.path) for e in bad[:_NAMES_IN_WARNING])
             more = ', ...' if len(bad) > _NAMES_IN_WARNING else ''
             logger.warning(
                 "imagefolder '%s': skipped %d unreadable image file(s) in split '%s': %s%s",
                 self.root, len(bad), split_name, names, more,
             )
-        readable = tuple(ex for ex, problem in zip(examples, problems) if problem is None)
-        self._files[split_name] = readable
+        readable = list(index.readable)
+        random.Random(split_name).shuffle(readable)
+        self._files[split_name] = tuple(readable)
         self._skipped[split_name] = len(bad)
-        return readable
+        return self._files[split_name]
 
-    def _slice(self, split: str) -> tuple[tuple[tuple[str, int], ...], int, int]:
+    @functools.lru_cache(maxsize=8)
+    def _entries(self, split: str) -> tuple[folder_index.Entry, ...]:
         spec = splits.parse_split(split)
         files = self._readable(spec.name)
+        percents = splits.percent_bounds(spec)
+        if percents is not None:
+            lo, hi = percents
+            return tuple(e for e in files if lo <= splits.stable_position(e.path.partition('/')[2]) < hi)
         lo, hi = spec.bounds(len(files))
-        return files, lo, hi
+        return files[lo:hi]
 
     def num_examples(self, split: str) -> int:
-        _, lo, hi = self._slice(split)
-        return hi - lo
+        return len(self._entries(split))
 
+    @functools.lru_cache(maxsize=8)
     def records(self, split: str) -> FileRecords:
-        files, lo, hi = self._slice(split)
-        return FileRecords(files[lo:hi])
+        directory = os.path.join(self.root, splits.parse_split(split).name)
+        return FileRecords(tuple((os.path.join(directory, e.path), e.label) for e in self._entries(split)))
+
+    def membership(self, split: str) -> dict[str, Any]:
+        """The split's fingerprint (fingerprint.py): per class, a digest of its files' names and sizes; and a
+        stamp of their mtimes (a copy changes the stamp, not the digests)."""
+        entries = sorted(self._entries(split), key=lambda e: e.path)
+        by_class: list[list[str]] = [[] for _ in self.class_names]
+        for e in entries:
+            by_class[e.label].append(f'{e.path.partition("/")[2]}\t{e.size}')
+        return fingerprint.membership(len(entries), [fingerprint.digest(files) for files in by_class],
+                                      stamp=fingerprint.digest(f'{e.path}\t{e.mtime_ns}' for e in entries))
 
 
 @contextlib.contextmanager
@@ -490,11 +536,18 @@ class TfdsSource:
         self._image_key, self._label_key = keys if keys else ('image', 'label')
         features = builder.info.features
         if self._image_key not in features or self._label_key not in features:
-            raise ValueError(
+            raise UserError(
                 f"tfds dataset {name!r} has no ('image', 'label') features: found {list(features)}"
             )
         self.class_names = tuple(features[self._label_key].names)
         self.num_skipped = 0
+        self.location = str(builder.data_dir)
+
+    def membership(self, split: str) -> dict[str, Any]:
+        """The split's fingerprint (fingerprint.py): TFDS name, version, split string and size."""
+        n = self.num_examples(split)
+        info = self._builder.info
+        return fingerprint.membership(n, [fingerprint.digest([info.full_name, str(info.version), split, str(n)])])
 
     def num_examples(self, split: str) -> int:
         return len(self.records(split))
@@ -510,7 +563,7 @@ class TfdsSource:
                 file_format='array_record',
             )
         except (KeyError, ValueError):
-            raise ValueError(
+            raise UserError(
                 f'tfds dataset {self.name!r} has no split {split!r}: '
                 f'available {list(self._builder.info.splits)}'
             ) from None

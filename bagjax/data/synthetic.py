@@ -20,6 +20,8 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+from bagjax.errors import UserError
+
 import numpy as np
 
 _DATASET_SEED = 1904_00760  # The BagNet arXiv id; fixes the dataset, not the run.
@@ -124,7 +126,7 @@ VARIANTS: dict[str, Variant] = {
 
 def get_variant(name: str) -> Variant:
     if name not in VARIANTS:
-        raise ValueError(
+        raise UserError(
             f"unknown synthetic variant '{name}': choose one of {sorted(VARIANTS)}"
         )
     return VARIANTS[name]
@@ -208,7 +210,7 @@ def make_example(
 def split_size(variant: Variant, split: str, train_size: int, eval_size: int) -> int:
     """Examples in a synthetic split: 'train' or the held-out 'validation' / 'test'."""
     if split not in _SPLIT_IDS:
-        raise ValueError(
+        raise UserError(
             f"synthetic dataset has no split '{split}': use one of {sorted(_SPLIT_IDS)}"
         )
     if split == 'train':

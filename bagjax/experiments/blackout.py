@@ -14,6 +14,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the eval pipeline uses tf.data; keep its logs quiet
 
+from bagjax import atomic, cli  # noqa: E402
+
+if __name__ == "__main__":
+    cli.exit_on_signals()  # first: a Ctrl-C while jax loads ends in one line too
+
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -22,11 +27,11 @@ from typing import Any, Sequence  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bagjax import cli  # noqa: E402
 from bagjax.blackout import (COMPUTE_KEEPS, COMPUTE_MODELS, MODES, PAPER_DROPS, SWEEP_KEEPS,  # noqa: E402
                              compute_table, make_schemes, run_blackout)
 from bagjax.models import receptive_field  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
+from bagjax.errors import UserError  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -95,8 +100,7 @@ def plot_blackout(rows: Sequence[dict[str, Any]], path: str | pathlib.Path, titl
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=120)
 
 
 def compute_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -154,19 +158,19 @@ def check_args(args: argparse.Namespace) -> list:
     """Every argument checked before anything is loaded or computed; returns the blackout schemes."""
     schemes = make_schemes(args.seeds, args.keeps) if args.workdir else []
     if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
+        raise UserError(f"--max-examples must be at least 1, got {args.max_examples}")
     if args.compute_table:
         if not args.compute_keeps:
-            raise ValueError("give at least one --compute-keeps fraction in [0, 1], e.g. --compute-keeps 0,0.25,1")
+            raise UserError("give at least one --compute-keeps fraction in [0, 1], e.g. --compute-keeps 0,0.25,1")
         bad = [k for k in args.compute_keeps if not 0.0 <= k <= 1.0]
         if bad:
-            raise ValueError(f"--compute-keeps must lie in [0, 1], got {bad}")
+            raise UserError(f"--compute-keeps must lie in [0, 1], got {bad}")
         if args.compute_batch < 1:
-            raise ValueError(f"--compute-batch must be at least 1 image, got {args.compute_batch}")
+            raise UserError(f"--compute-batch must be at least 1 image, got {args.compute_batch}")
         rf = max(receptive_field(name)[0] for name in COMPUTE_MODELS)
         if args.compute_image_size < rf:
-            raise ValueError(f"--compute-image-size must be at least {rf} px (BagNet-33's receptive field), got "
-                             f"{args.compute_image_size}")
+            raise UserError(f"--compute-image-size must be at least {rf} px (BagNet-33's receptive field), got "
+                            f"{args.compute_image_size}")
     return schemes
 
 
@@ -185,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         title = f"{trained.config.model}, head `{trained.config.head}`, {args.workdir}"
         out.mkdir(parents=True, exist_ok=True)
         markdown = blackout_markdown(rows, title)
-        (out / "blackout.md").write_text(markdown)
+        atomic.write_text(out / "blackout.md", markdown)
         report.write_csv(out / "blackout.csv", rows)
         plot_blackout(rows, out / "blackout.png", f"Blackout ({args.mode}): {trained.config.model}")
         print(markdown)
@@ -196,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              batch=args.compute_batch)
         markdown = compute_markdown(rows)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compute.md").write_text(markdown)
+        atomic.write_text(out / "compute.md", markdown)
         report.write_csv(out / "compute.csv", rows)
         print(markdown)
         print(f"wrote {out / 'compute.md'} and compute.csv", flush=True)

@@ -20,14 +20,19 @@ import sys
 import time
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
+from bagjax import atomic, cli
 
-from bagjax import cli
-from bagjax.experiments import report
-from bagjax.models import HEADS
+if __name__ == "__main__":
+    cli.exit_on_signals()  # first: a Ctrl-C while jax loads ends in one line too
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bagjax.errors import UserError  # noqa: E402
+from bagjax.experiments import report  # noqa: E402
+from bagjax.models import HEADS  # noqa: E402
 
 HEAD_LABELS = {"learned": "Learned", "orthogonal": "Fixed Orthogonal",
                "orthogonal_hoffer": "Fixed Orthogonal (Hoffer)", "hadamard": "Fixed Hadamard",
@@ -59,16 +64,16 @@ def check_heads(heads: Sequence[str], seeds: int) -> list[str]:
     """The ``--heads`` list without blanks, checked: at least one, each known and given once; ``seeds >= 1``."""
     heads = [h.strip() for h in heads if h.strip()]
     if not heads:
-        raise ValueError(f"give at least one head, e.g. --heads=learned,identity (from {', '.join(HEADS)})")
+        raise UserError(f"give at least one head, e.g. --heads=learned,identity (from {', '.join(HEADS)})")
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
-        raise ValueError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
+        raise UserError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
     twice = list(dict.fromkeys(h for h in heads if heads.count(h) > 1))
     if twice:
-        raise ValueError(f"--heads lists {', '.join(twice)} twice: give each head once (--seeds=N trains N seeds "
-                         "of each)")
+        raise UserError(f"--heads lists {', '.join(twice)} twice: give each head once (--seeds=N trains N seeds "
+                        "of each)")
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
     return heads
 
 
@@ -96,8 +101,9 @@ def run_heads(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, he
             print(f"== head {head}, seed {seed}: {subdir}", flush=True)
             start = time.perf_counter()
             metrics = train_and_evaluate(run_config(config, head, seed), str(subdir))
-            if metrics.get("preempted"):
-                raise RuntimeError(f"{subdir} was preempted before it finished: rerun the same command to resume")
+            if metrics.get("preempted"):  # the loop saved a checkpoint; the shell sees the signal
+                cli.stopped(metrics["signal"], f"{subdir} saved a checkpoint at its current step: rerun the same "
+                            "command to resume")
             rows.append({"head": head, "seed": seed, "accuracy": metrics["eval_accuracy"],
                          "loss": metrics["eval_loss"], "examples": metrics["eval_count"], "params": params,
                          "head_params": head_params, "seconds": time.perf_counter() - start,
@@ -146,8 +152,7 @@ def plot_heads(rows: Sequence[dict[str, Any]], path: str | pathlib.Path, title: 
     ax.set_ylim(0, 105)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=120)
 
 
 def write_report(rows: Sequence[dict[str, Any]], out: str | pathlib.Path, title: str) -> str:
@@ -155,24 +160,23 @@ def write_report(rows: Sequence[dict[str, Any]], out: str | pathlib.Path, title:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = heads_markdown(rows, title)
-    (out / "heads.md").write_text(markdown)
+    atomic.write_text(out / "heads.md", markdown)
     report.write_csv(out / "heads.csv", rows)
     plot_heads(rows, out / "heads.png", title)
     return markdown
 
 
-def _define_flags():
+def define_flags(flag_values=None):
+    """This command's absl flags, on ``flag_values`` (absl's global ``FLAGS`` by default); returns them."""
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :ARG (e.g. :smoke).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory that holds one training run per head and seed.")
-    flags.DEFINE_string("out", None, "Where heads.md/.csv/.png go (default: the workdir).")
-    flags.DEFINE_integer("seeds", 1, "Seeds per head: config.seed, config.seed + 1, ...")
-    flags.DEFINE_list("heads", list(HEADS), f"Comma-separated heads among {', '.join(HEADS)}.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    return flags.FLAGS
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    cli.define_config_flags(flag_values, "Directory that holds one training run per head and seed.")
+    flags.DEFINE_string("out", None, "Where heads.md/.csv/.png go (default: the workdir).", flag_values=flag_values)
+    flags.DEFINE_integer("seeds", 1, "Seeds per head: config.seed, config.seed + 1, ...", flag_values=flag_values)
+    flags.DEFINE_list("heads", list(HEADS), f"Comma-separated heads among {', '.join(HEADS)}.",
+                      flag_values=flag_values)
+    return flag_values
 
 
 def main(argv: Sequence[str]) -> None:
@@ -206,13 +210,11 @@ def run() -> None:
                              ("--seeds=N", "seeds per head (config.seed, config.seed + 1, ...)"),
                              ("--out=DIR", "where heads.md/.csv/.png go (default: the workdir)"))))
         return
-    cli.catch_interrupts()
-    flags_ = _define_flags()
-    try:
+    cli.exit_on_signals()
+    flags_ = define_flags()
+    with cli.user_errors():
         cli.parse_config_flags(flags_, sys.argv, "--heads=learned,identity, not --heads learned identity")
-        cli.run_main(lambda: app.run(main, argv=[sys.argv[0]]), errors=(ValueError, RuntimeError))
-    except cli.Interrupted as e:
-        cli.interrupted_exit(e)
+        app.run(main, argv=[sys.argv[0]])
 
 
 if __name__ == "__main__":

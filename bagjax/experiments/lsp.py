@@ -44,17 +44,22 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the eval pipeline uses tf.data; keep its logs quiet
 
+from bagjax import atomic, cli  # noqa: E402
+
+if __name__ == "__main__":
+    cli.exit_on_signals()  # first: a Ctrl-C while jax loads ends in one line too
+
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
 from typing import Any, Mapping, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bagjax import cli  # noqa: E402
 from bagjax.downstream import FIGURE_IMAGES, PATCH_INPUTS, SETTINGS, run_lsp  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
 from bagjax.models.anchornet import RECEPTIVE_FIELDS  # noqa: E402
 from bagjax.workdir import load_trained  # noqa: E402
+from bagjax.errors import UserError  # noqa: E402
 
 BRANCH_COLORS = {63: "#e41a1c", 95: "#377eb8", 111: "#4daf4a"}  # boxes in lsp_patches.png
 
@@ -171,8 +176,7 @@ def plot_patches(result: Mapping[str, Any], class_names: Sequence[str], path: st
                          f"γ {class_names[int(loc['cls'][i])]}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=100)
 
 
 def plot_attention(result: Mapping[str, Any], path: str | pathlib.Path) -> None:
@@ -200,8 +204,7 @@ def plot_attention(result: Mapping[str, Any], path: str | pathlib.Path) -> None:
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -228,7 +231,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.figure_images < 0:
-        raise ValueError(f"--figure-images must be 0 (no figures) or more, got {args.figure_images}")
+        raise UserError(f"--figure-images must be 0 (no figures) or more, got {args.figure_images}")
     out = cli.check_output_dir(args.out or pathlib.Path(args.workdir) / "lsp")
     anchornet, classifier = load_trained(args.workdir), load_trained(args.downstream)
     cli.check_workdir_dataset(anchornet.config, args.workdir)
@@ -241,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = result_rows(result)
     title = f"AnchorNet {args.workdir} -> {classifier.config.model} {args.downstream}"
     markdown = lsp_markdown(rows, result, title)
-    (out / "lsp.md").write_text(markdown)
+    atomic.write_text(out / "lsp.md", markdown)
     report.write_csv(out / "lsp.csv", rows)
     written = ["lsp.md", "lsp.csv"]
     if result["figure"]:
@@ -254,4 +257,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    cli.run_main(main, errors=(ValueError,))
+    cli.run_main(main)

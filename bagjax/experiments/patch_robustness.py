@@ -24,6 +24,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the eval pipeline uses tf.data; keep its logs quiet
 
+from bagjax import atomic, cli  # noqa: E402
+
+if __name__ == "__main__":
+    cli.exit_on_signals()  # first: a Ctrl-C while jax loads ends in one line too
+
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
@@ -36,8 +41,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
-from bagjax import attack, cli, data, interpret, patches, robust  # noqa: E402
+from bagjax import attack, data, interpret, patches, robust  # noqa: E402
 from bagjax.experiments import report  # noqa: E402
+from bagjax.errors import UserError  # noqa: E402
 
 def parse_patch_sizes(text: str, image_size: int) -> list[tuple[str, int]]:
     """``"4%,8%,12px"`` -> ``[(label, side px)]``: a percentage of the image area rounds the side up (PatchGuard)."""
@@ -50,22 +56,22 @@ def parse_patch_sizes(text: str, image_size: int) -> list[tuple[str, int]]:
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
-            raise ValueError(f"bad patch size {item!r}: use a percentage of the image area (4%) or pixels (12px)")
+            raise UserError(f"bad patch size {item!r}: use a percentage of the image area (4%) or pixels (12px)")
         if not unit:
-            raise ValueError(f"patch size {item!r} has no unit: write {item}% (of the image area) or {item}px")
+            raise UserError(f"patch size {item!r} has no unit: write {item}% (of the image area) or {item}px")
         if value <= 0:
-            raise ValueError(f"bad patch size {item!r}: a patch size is positive, e.g. 4% or 12px")
+            raise UserError(f"bad patch size {item!r}: a patch size is positive, e.g. 4% or 12px")
         if unit == "px" and not value.is_integer():
-            raise ValueError(f"bad patch size {item!r}: pixels are whole numbers, e.g. 12px")
+            raise UserError(f"bad patch size {item!r}: pixels are whole numbers, e.g. 12px")
         side = math.ceil(math.sqrt(value / 100.0 * image_size * image_size) - 1e-9) if unit == "%" else int(value)
         if item in (label for label, _ in sizes):
-            raise ValueError(f"--patch-size lists {item} twice: give each size once")
+            raise UserError(f"--patch-size lists {item} twice: give each size once")
         if side < 1 or side > image_size:
-            raise ValueError(f"patch size {item} is {side} px, which does not fit the {image_size} px images: "
-                             f"use a patch of 1 to {image_size} px")
+            raise UserError(f"patch size {item} is {side} px, which does not fit the {image_size} px images: "
+                            f"use a patch of 1 to {image_size} px")
         sizes.append((item, side))
     if not sizes:
-        raise ValueError("give at least one --patch-size, e.g. 4%,8%")
+        raise UserError("give at least one --patch-size, e.g. 4%,8%")
     return sizes
 
 
@@ -77,7 +83,7 @@ def defense_kwargs(defense: str, clip: robust.Clip, clip_max: float, threshold: 
         return (("clip", clip),)
     if defense == "none":
         return ()
-    raise ValueError(f"unknown --defense {defense!r}: choose from {', '.join(robust.DEFENSES)}")
+    raise UserError(f"unknown --defense {defense!r}: choose from {', '.join(robust.DEFENSES)}")
 
 
 def check_settings(defenses: Sequence[str], *, clip_max: float = math.inf, threshold: float = 0.0,
@@ -86,28 +92,28 @@ def check_settings(defenses: Sequence[str], *, clip_max: float = math.inf, thres
     """The settings of ``run_robustness``, checked before anything is loaded or computed: a one-line ValueError
     that names the valid range for each bad one."""
     if not defenses:
-        raise ValueError(f"give at least one --defense, from {', '.join(robust.DEFENSES)}")
+        raise UserError(f"give at least one --defense, from {', '.join(robust.DEFENSES)}")
     for d in defenses:
         if d not in robust.DEFENSES:
-            raise ValueError(f"unknown --defense {d!r}: choose from {', '.join(robust.DEFENSES)}")
+            raise UserError(f"unknown --defense {d!r}: choose from {', '.join(robust.DEFENSES)}")
     twice = sorted({d for d in defenses if defenses.count(d) > 1})
     if twice:
-        raise ValueError(f"--defense lists {', '.join(twice)} twice: give each defense once")
+        raise UserError(f"--defense lists {', '.join(twice)} twice: give each defense once")
     if locations not in ("danger", "grid"):
-        raise ValueError(f"unknown --locations {locations!r}: use danger or grid")
+        raise UserError(f"unknown --locations {locations!r}: use danger or grid")
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"--max-examples must be at least 1, got {max_examples}")
+        raise UserError(f"--max-examples must be at least 1, got {max_examples}")
     if attack_examples < 0:
-        raise ValueError(f"--attack-examples must be 0 (no attack) or more, got {attack_examples}")
+        raise UserError(f"--attack-examples must be 0 (no attack) or more, got {attack_examples}")
     for name, value in (("--steps", steps), ("--starts", starts), ("--num-locations", num_locations)):
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise UserError(f"{name} must be at least 1, got {value}")
     if not 0.0 < step_size <= 1.0:
-        raise ValueError(f"--step-size is a fraction of the pixel range in (0, 1], got {step_size:g}")
+        raise UserError(f"--step-size is a fraction of the pixel range in (0, 1], got {step_size:g}")
     if not clip_max > 0.0:
-        raise ValueError(f"--clip-max (PatchGuard's c_h) must be positive (inf: no clipping), got {clip_max:g}")
+        raise UserError(f"--clip-max (PatchGuard's c_h) must be positive (inf: no clipping), got {clip_max:g}")
     if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"--threshold must lie in [0, 1), got {threshold:g}")
+        raise UserError(f"--threshold must lie in [0, 1), got {threshold:g}")
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -143,7 +149,7 @@ def run_robustness(model, variables, config, sizes: Sequence[tuple[str, int]], d
     total = data.dataset_info(config).num_eval
     total = total if max_examples is None else min(total, max_examples)
     if total == 0:
-        raise ValueError("the eval split is empty: check config.data.eval_split")
+        raise UserError("the eval split is empty: check config.data.eval_split")
     jobs = [(d, label, px, robust.window_shape(model, px, size, size)) for d in defenses for label, px in sizes]
     stats = {j[:3]: dict(correct=0, certified=0, count=0, a_correct=0, a_certified=0, a_robust=0, a_count=0,
                          violations=0, cert_s=0.0, attack_s=0.0, attack_images=0) for j in jobs}
@@ -281,8 +287,7 @@ def plot_accuracies(rows: Sequence[dict[str, Any]], path: str | pathlib.Path, ti
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=120)
 
 
 def plot_attacks(model, variables, examples: Sequence[dict[str, Any]], class_names: Sequence[str],
@@ -302,7 +307,8 @@ def plot_attacks(model, variables, examples: Sequence[dict[str, Any]], class_nam
         attacked = np.asarray(attack.paste(jnp.asarray(image), jnp.asarray(ex["patch"]), jnp.asarray(origin)))
         logits = np.asarray(_patch_logits(model, variables, jnp.asarray(attacked)[None]))[0]
         kwargs = dict(ex["kwargs"])
-        predicted = int(np.argmax(robust.defended_logits(jnp.asarray(logits), ex["defense"], ex["window"], **kwargs)))
+        defended = robust.defended_logits(jnp.asarray(logits), ex["defense"], ex["window"], **kwargs)
+        predicted = int(robust.predicted_class(defended, ex["defense"]))
         evidence = np.asarray(robust.clip_evidence(logits, clip_max) if ex["defense"] == "mask" else logits)
         gh, gw = evidence.shape[:2]
         height, width = image.shape[:2]
@@ -335,8 +341,7 @@ def plot_attacks(model, variables, examples: Sequence[dict[str, Any]], class_nam
         for ax in row:
             ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -388,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     title = f"{trained.config.model}, {trained.config.image_size} px, {args.workdir}"
     markdown = robustness_markdown(rows, title)
-    (out / "robustness.md").write_text(markdown)
+    atomic.write_text(out / "robustness.md", markdown)
     report.write_csv(out / "robustness.csv", rows)
     plot_accuracies(rows, out / "robustness.png", f"Patch robustness: {trained.config.model}")
     written = ["robustness.md", "robustness.csv", "robustness.png"]

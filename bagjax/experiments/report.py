@@ -12,6 +12,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from bagjax import atomic
+from bagjax.errors import UserError
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
@@ -37,11 +40,18 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 def write_csv(path: str | pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
     """Rows of dicts with the same keys as one CSV file with a header line."""
     if not rows:
-        raise ValueError(f"nothing to write to {path}: the experiment produced no rows")
-    with open(path, "w", newline="") as f:
+        raise UserError(f"nothing to write to {path}: the experiment produced no rows")
+    with atomic.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_figure(fig, path: str | pathlib.Path, dpi: int) -> None:
+    """Save a matplotlib figure as a whole file or none (bagjax.atomic), and close it."""
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
 
 
 def pyplot():

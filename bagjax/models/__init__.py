@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from bagjax.models.bagnet import KERNEL3, BagNet
 from bagjax.models.heads import HEADS
 from bagjax.models.resnet import ResNet50
+from bagjax.errors import UserError
 
 __all__ = ["MODELS", "HEADS", "create_model", "build_model", "receptive_field", "is_bagnet"]
 
@@ -38,9 +39,9 @@ def create_model(name: str, *, num_classes: int, head: str = "learned", dtype: A
                  **kw: Any) -> nn.Module:
     """Build a registered model; extra keywords (``width``, ``stage_sizes``, ``identity_expand``) go to it."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+        raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # hashable modules (e.g. from JSON)
     return MODELS[name](num_classes=num_classes, head=head, dtype=jnp.dtype(dtype), **kw)
 
@@ -60,4 +61,4 @@ def receptive_field(name: str, **kw: Any) -> tuple[int, int]:
     model = create_model(name, num_classes=1, **kw)
     if hasattr(model, "receptive_field"):
         return model.receptive_field, model.stride
-    raise ValueError(f"{name!r} has no bounded receptive field; BagNets and AnchorNet do")
+    raise UserError(f"{name!r} has no bounded receptive field; BagNets and AnchorNet do")

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from bagjax.models.layers import BN_MOMENTUM, SE_SIZES, Bneck, ConvBN
+from bagjax.errors import UserError
 
 RECEPTIVE_FIELDS = (63, 95, 111)
 STRIDE = 8
@@ -106,6 +107,17 @@ def pool_logits(class_maps: jax.Array, attention: jax.Array, pooling: str = "sum
     return logits / (class_maps.shape[1] * class_maps.shape[2]) if pooling == "mean" else logits
 
 
+def spatial_softmax(x: jax.Array) -> jax.Array:
+    """Softmax of (B, H, W) scores over all H*W locations (Eq. 1 and 5), written out as ``jax.nn.softmax`` computes it.
+
+    The same numbers as ``jax.nn.softmax(x, axis=(1, 2))`` (shift by the max, exp, divide by the sum). Written
+    with plain reductions because ONNX's Softmax takes one axis and flattening H*W is not expressible for a
+    symbolic image size, so the exported graph (``bagjax.export``) keeps any input size.
+    """
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=(1, 2), keepdims=True)))
+    return e / jnp.sum(e, axis=(1, 2), keepdims=True)
+
+
 class SpatialAttention(nn.Module):
     """Attention of AnchorNet section 3.2, Eq. 1-5: X (B, H, W, C) -> S (B, H, W), summing to 1 over H, W.
 
@@ -116,11 +128,11 @@ class SpatialAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         g = nn.Conv(1, (1, 1), use_bias=False, kernel_init=small_init, name="compact")(x)[..., 0]
-        g = jax.nn.softmax(g, axis=(1, 2))  # Eq. 1
+        g = spatial_softmax(g)  # Eq. 1
         c = jnp.einsum("bhwc,bhw->bc", x, g)  # Eq. 2
         c = jax.nn.softmax(c, axis=-1)  # Eq. 3
         s = jnp.einsum("bhwc,bc->bhw", x, c)  # Eq. 4
-        return jax.nn.softmax(s, axis=(1, 2))  # Eq. 5
+        return spatial_softmax(s)  # Eq. 5
 
 
 class LocalizationBranch(nn.Module):
@@ -173,12 +185,12 @@ class AnchorNet(nn.Module):
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown AnchorNet pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+            raise UserError(f"unknown AnchorNet pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
         if self.se_size not in SE_SIZES:
-            raise ValueError(f"unknown AnchorNet se_size {self.se_size!r}: choose one of {', '.join(SE_SIZES)}")
+            raise UserError(f"unknown AnchorNet se_size {self.se_size!r}: choose one of {', '.join(SE_SIZES)}")
         if not 0.0 <= self.bn_momentum < 1.0:
-            raise ValueError(f"AnchorNet bn_momentum must be in [0, 1) (Flax convention: the weight of the old "
-                             f"running average); got {self.bn_momentum}")
+            raise UserError(f"AnchorNet bn_momentum must be in [0, 1) (Flax convention: the weight of the old "
+                            f"running average); got {self.bn_momentum}")
         super().__post_init__()
 
     @property
@@ -192,9 +204,9 @@ class AnchorNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, dict[int, jax.Array]]:
-        if x.ndim != 4 or min(x.shape[1], x.shape[2]) < MIN_INPUT:
-            raise ValueError(f"AnchorNet needs NHWC images of at least {MIN_INPUT}x{MIN_INPUT} px "
-                             f"(its largest receptive field); got shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] < MIN_INPUT or x.shape[2] < MIN_INPUT:  # each side (symbolic sizes too)
+            raise UserError(f"AnchorNet needs NHWC images of at least {MIN_INPUT}x{MIN_INPUT} px "
+                            f"(its largest receptive field); got shape {tuple(x.shape)}")
         h = ConvBN(STEM_FEATURES, 3, 2, activation="HS", bn_momentum=self.bn_momentum, dtype=self.dtype,
                    name="stem")(x.astype(self.dtype), train)
         for i, spec in enumerate(HEAD):
@@ -214,8 +226,8 @@ def anchornet(*, num_classes: int, head: str = "learned", dtype: Any = jnp.float
     ``bn_momentum`` (Flax convention; default 0.99 as torchvision's MobileNetV3, 0.9 for short runs) and
     ``se_size`` ('output', 'input' or 'expansion'; see the module docstring)."""
     if head != "learned":
-        raise ValueError(f"AnchorNet only supports head='learned' (its classifier is the per-branch linear "
-                         f"1x1 conv of Table 2); got head={head!r}")
+        raise UserError(f"AnchorNet only supports head='learned' (its classifier is the per-branch linear "
+                        f"1x1 conv of Table 2); got head={head!r}")
     return AnchorNet(num_classes=num_classes, dtype=jnp.dtype(dtype), **kw)
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from bagjax.models.heads import NORMALISING, Head, check_head, pool_for_head
 from bagjax.models.resnet import Bottleneck, conv, norm, stage_plan, torch_momentum
+from bagjax.errors import UserError
 
 STAGE_STRIDES = (2, 2, 2, 1)
 # kernel3 of the official bagnet33/17/9 constructors: how many blocks of each stage get a 3x3 middle conv.
@@ -108,8 +109,8 @@ class BagNet(nn.Module):
         check_head(self.head, self.num_classes, self.num_features)
         rf = self.receptive_field
         if x.ndim != 4 or x.shape[1] < rf or x.shape[2] < rf:
-            raise ValueError(f"BagNet-{rf} needs NHWC images of at least {rf}x{rf} px (its receptive field), "
-                             f"got shape {tuple(x.shape)}: use a larger image_size")
+            raise UserError(f"BagNet-{rf} needs NHWC images of at least {rf}x{rf} px (its receptive field), "
+                            f"got shape {tuple(x.shape)}: use a larger image_size")
         cv = conv(self.dtype)
         x = x.astype(self.dtype)
         x = cv(self.width, (1, 1), name="conv1")(x)

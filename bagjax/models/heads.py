@@ -20,6 +20,7 @@ import numpy as np
 import scipy.linalg
 
 from bagjax.models.initializers import torch_default_bias, torch_default_kernel, uniform_symmetric
+from bagjax.errors import UserError
 
 HEADS = ("learned", "orthogonal", "orthogonal_hoffer", "hadamard", "identity")
 
@@ -48,11 +49,11 @@ def hadamard_matrix(n_c: int, n_k: int) -> np.ndarray:
 def check_head(head: str, num_classes: int, num_features: int) -> None:
     """Raise a one-line error for an unknown head or an impossible head size."""
     if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+        raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UserError(f"num_classes must be >= 1, got {num_classes}")
     if head == "identity" and num_classes > num_features:
-        raise ValueError(
+        raise UserError(
             f"the identity head needs num_classes <= feature channels, got {num_classes} > {num_features}: "
             "use head='learned', or identity_expand=True to widen the last block (thesis 4.3.2)")
 

@@ -23,14 +23,17 @@ instead of pooling, so gradients then see only the conv path.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from bagjax.models.initializers import he_normal_fan_out
+from bagjax.errors import UserError
 
 BN_MOMENTUM = 0.99  # PyTorch momentum 0.01 (torchvision MobileNetV3); Flax momentum is 1 - PyTorch momentum.
 BN_EPSILON = 1e-3
@@ -60,6 +63,26 @@ def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> 
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
+DEPTHWISE_FORMS = {"shifted": shifted_depthwise_conv, "grouped": grouped_depthwise_conv}
+_depthwise_form: contextvars.ContextVar[str | None] = contextvars.ContextVar("depthwise_form", default=None)
+
+
+@contextlib.contextmanager
+def depthwise_form(form: str) -> Iterator[None]:
+    """Trace every ``depthwise_conv`` in this block as one fixed form ('grouped' or 'shifted').
+
+    Exporters want one plain graph: ``bagjax.export`` traces AnchorNet under ``depthwise_form('grouped')``, a
+    single grouped Conv in ONNX, instead of the ``lax.platform_dependent`` choice between the two equal forms.
+    """
+    if form not in DEPTHWISE_FORMS:
+        raise ValueError(f"unknown depthwise form {form!r}: choose one of {', '.join(DEPTHWISE_FORMS)}")
+    token = _depthwise_form.set(form)
+    try:
+        yield
+    finally:
+        _depthwise_form.reset(token)
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     """The faster of the two equal implementations for the dtype and the platform the computation is lowered for.
 
@@ -68,8 +91,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
     convolution wins in float32 (the shifted form is 0.88x), so every other platform uses it there (only the
     H100 was measured). In bfloat16 the grouped form's AnchorNet training step did not finish compiling in 128 s
     on the H100 (224 px, batch 256), while the shifted one compiled and ran in 72 s, so half-precision inputs
-    take the shifted form on every platform.
+    take the shifted form on every platform. Inside ``depthwise_form(form)`` that form is used everywhere.
     """
+    if _depthwise_form.get() is not None:
+        return DEPTHWISE_FORMS[_depthwise_form.get()](x, kernel, stride)
     if jnp.dtype(x.dtype).itemsize < 4:
         return shifted_depthwise_conv(x, kernel, stride)
     return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(shifted_depthwise_conv, stride=stride),
@@ -173,7 +198,7 @@ def se_squeeze(se_size: str, cin: int, expansion: int, out: int) -> int:
         return cin // 4
     if se_size == "output":
         return out // 4
-    raise ValueError(f"unknown se_size {se_size!r}: choose one of {', '.join(SE_SIZES)}")
+    raise UserError(f"unknown se_size {se_size!r}: choose one of {', '.join(SE_SIZES)}")
 
 
 class Bneck(nn.Module):

@@ -12,6 +12,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bagjax.models.heads import Head, check_head
@@ -42,8 +43,12 @@ def norm(dtype: jnp.dtype, train: bool, torch_momentum: float = TORCH_BN_MOMENTU
 
 
 def crop_to(residual: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
-    """Crop the residual at the bottom/right to the main path's size (bethgelab BagNet, Bottleneck.forward)."""
-    return residual[:, : like.shape[1], : like.shape[2]]
+    """Crop the residual at the bottom/right to the main path's size (bethgelab BagNet, Bottleneck.forward).
+
+    A plain ``lax.slice`` (not NumPy indexing, which may become a gather): exporters keep it a Slice for
+    symbolic image sizes (``bagjax.export``).
+    """
+    return jax.lax.slice(residual, (0, 0, 0, 0), (residual.shape[0], like.shape[1], like.shape[2], residual.shape[3]))
 
 
 class Bottleneck(nn.Module):
@@ -90,6 +95,16 @@ class Bottleneck(nn.Module):
         return nn.relu(y + crop_to(residual, y))
 
 
+def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+    """torchvision's stem ``MaxPool2d(3, stride=2, padding=1)``: pad one -inf pixel per side, then a VALID pool.
+
+    The same numbers as ``nn.max_pool(..., padding=((1, 1), (1, 1)))``, written with the padding outside the pool
+    so that exporters that only know 'VALID'/'SAME' pools (jax2onnx, ``bagjax.export``) take it too.
+    """
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+
+
 def stage_plan(stage_sizes: Sequence[int], stage_strides: Sequence[int], kernel3: Sequence[int]):
     """Yield (stage, block, planes_multiplier, stride, kernel) for every bottleneck, in order."""
     for s, (n, stride) in enumerate(zip(stage_sizes, stage_strides)):
@@ -134,7 +149,7 @@ class ResNet50(nn.Module):
         x = x.astype(self.dtype)
         x = conv(self.dtype)(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
         x = nn.relu(norm(self.dtype, train, torch_momentum(self.bn_momentum))(name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_s2(x)
         plan = list(stage_plan(self.stage_sizes, (1, 2, 2, 2), kernel3=self.stage_sizes))  # every middle conv 3x3
         for s, i, mult, stride, kernel in plan:
             last = (s, i) == plan[-1][:2]

@@ -24,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from bagjax import atomic
+from bagjax.errors import PathNotFoundError, UserError
 from bagjax.training.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -40,11 +42,27 @@ class _Damaged(Exception):
     """A step whose metadata does not describe this run's state although the config did not change."""
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(UserError):
     """The checkpoints were written by a config whose state has other shapes."""
 
 
-class DiskFullError(OSError):
+class CheckpointRestoreError(UserError):
+    """No step could be restored; every step was left in place."""
+
+
+# What orbax and tensorstore say about a step whose files are missing, truncated or garbled.
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "does not exist", "Error decoding")
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether a restore failed because the step's own files are damaged (missing, truncated, unreadable
+    metadata), rather than for a reason outside it (memory, a flaky file system, an orbax upgrade)."""
+    if isinstance(error, (_Damaged, FileNotFoundError, json.JSONDecodeError, EOFError)):
+        return True
+    return isinstance(error, (ValueError, OSError, KeyError)) and any(code in str(error) for code in _DAMAGE_CODES)
+
+
+class DiskFullError(UserError, OSError):
     """Not enough free space for the next checkpoint; nothing was written."""
 
 
@@ -130,11 +148,16 @@ class Checkpoints:
         """The newest readable step restored onto ``abstract_state``'s shardings, or None if there is none.
 
         ``changed``: the ``STATE_KEYS`` this run's config changed against the workdir's config.json (None: no
-        config.json). A step that fails to restore (e.g. truncated or deleted files), or that does not fit the
-        state although no such key changed, is set aside with a one-line warning and the previous one is tried.
+        config.json). A step is damaged when orbax finds its files missing, truncated or unreadable, or when it
+        does not fit the state although no such key changed; the previous step is then tried, and once one
+        restores, the damaged newer ones are set aside with a one-line warning each. Any other failure (memory, a
+        flaky file system, an orbax upgrade), or no step restoring at all, stops with CheckpointRestoreError and
+        leaves every step in place: a systemic failure must not rename a workdir's every step.
         """
         target = _items(abstract_state)
-        for step in reversed(self.all_steps()):
+        steps = self.all_steps()
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(steps):
             try:
                 with quiet_orbax():
                     self._check_fits(step, target, changed)
@@ -142,17 +165,30 @@ class Checkpoints:
                         step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
             except ConfigChangedError:
                 raise
-            except Exception as e:  # orbax raises many types for damaged files; all mean "not usable"
+            except Exception as e:  # orbax raises many types; only some mean "this step's files are damaged"
                 reason = " ".join(str(e).split())[:200] or type(e).__name__
-                with quiet_orbax():
-                    aside = self._set_aside(step)
-                print(f"warning: checkpoint step {step} is corrupt or incomplete ({reason}; moved to {aside}), "
-                      "falling back to an earlier step", flush=True)
+                if not is_damage(e):
+                    raise CheckpointRestoreError(
+                        f"cannot restore checkpoint step {step} in {self.directory} ({type(e).__name__}: {reason}), "
+                        f"which is not a damaged file: every step is left in place (steps {steps}); fix the cause "
+                        "(memory, the file system, the orbax version) and rerun the same command") from None
+                damaged.append((step, reason))
                 continue
+            for bad, reason in damaged:
+                with quiet_orbax():
+                    aside = self._set_aside(bad)
+                print(f"warning: checkpoint step {bad} is corrupt or incomplete ({reason}; moved to {aside}), "
+                      f"resuming from step {step}", flush=True)
             opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
             opt_state = jax.tree.unflatten(jax.tree.structure(abstract_state.opt_state), opt_leaves)
             return TrainState(step=restored["step"]["step"], params=restored["params"],
                               batch_stats=restored["batch_stats"], opt_state=opt_state)
+        if damaged:
+            raise CheckpointRestoreError(
+                f"no checkpoint in {self.directory} can be restored ("
+                + "; ".join(f"step {s}: {r[:120]}" for s, r in damaged)
+                + "): every step is left in place; restore them from a backup, or move the checkpoints/ folder "
+                "away to train from scratch")
         return None
 
     def _check_fits(self, step: int, target: dict[str, Any], changed: list[str] | None) -> None:
@@ -194,7 +230,7 @@ class Checkpoints:
             if step is None:
                 step = self.manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}: train first (python train.py ...)")
+            raise PathNotFoundError(f"no checkpoint in {self.directory}: train first (python train.py ...)")
         # Onto this process's first device, whatever mesh the checkpoint was saved from (4 GPUs, 2 hosts, ...).
         metadata = self.manager.item_metadata(step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -217,16 +253,15 @@ def read_variables(workdir: str | pathlib.Path, step: int | None = None) -> dict
         except FileNotFoundError:
             raise
         except Exception as e:  # orbax raises many types for damaged files
-            raise ValueError(f"the checkpoint in {ckpt.directory} is unreadable ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:200]}): resume training on the workdir with train.py, "
-                             "which sets damaged steps aside") from None
+            raise UserError(f"the checkpoint in {ckpt.directory} is unreadable ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}): resume training on the workdir with train.py, "
+                            "which sets damaged steps aside") from None
         finally:
             ckpt.close()
 
 
 def write_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    atomic.write_text(pathlib.Path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def changed_keys(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> list[str] | None:
@@ -244,20 +279,30 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (its ``config.json``)."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a bagjax training workdir")
+        raise PathNotFoundError(f"{path} not found: {workdir} is not a bagjax training workdir")
     try:
         return ml_collections.ConfigDict(json.loads(path.read_text()))
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): restore it, or rerun train.py with the same config "
-                         "on the workdir, which writes it again") from None
+        raise UserError(f"{path} is not valid JSON ({e}): restore it, or rerun train.py with the same config "
+                        "on the workdir, which writes it again") from None
 
 
 def write_dataset_info(workdir: str | pathlib.Path, class_names: tuple[str, ...], num_train: int,
-                       num_eval: int) -> None:
-    """``dataset.json``: the class names and split sizes a workdir was trained with."""
+                       num_eval: int, fingerprint: dict[str, Any] | None = None) -> None:
+    """``dataset.json``: the class names and split sizes a workdir was trained with, and the data's fingerprint
+    (bagjax.data.fingerprint), which a resume compares with its own."""
     info = {"class_names": list(class_names), "num_classes": len(class_names), "num_train": num_train,
-            "num_eval": num_eval}
-    (pathlib.Path(workdir) / DATASET_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            "num_eval": num_eval, **({"fingerprint": fingerprint} if fingerprint else {})}
+    atomic.write_text(pathlib.Path(workdir) / DATASET_FILE, json.dumps(info, indent=2) + "\n")
+
+
+def saved_fingerprint(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+    """The dataset fingerprint in a workdir's ``dataset.json``; None when there is none (an older workdir)."""
+    try:
+        saved = json.loads((pathlib.Path(workdir) / DATASET_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get("fingerprint") if isinstance(saved, dict) else None
 
 
 def read_dataset_info(workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -266,11 +311,11 @@ def read_dataset_info(workdir: str | pathlib.Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: rerun train.py with the same config on {workdir}, "
+        raise PathNotFoundError(f"{path} is missing: rerun train.py with the same config on {workdir}, "
                                 "which writes it again") from None
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): rerun train.py with the same config on {workdir}, "
-                         "which writes it again") from None
+        raise UserError(f"{path} is not valid JSON ({e}): rerun train.py with the same config on {workdir}, "
+                        "which writes it again") from None
 
 
 def finished_steps(workdir: str | pathlib.Path) -> list[int]:

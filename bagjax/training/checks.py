@@ -14,11 +14,13 @@ from typing import Any
 
 import ml_collections
 
+from bagjax.errors import UserError
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _fail(key: str, value: Any, need: str, example: Any) -> None:
-    raise ValueError(f"{key}={value!r} {need}: e.g. --config.{key}={example}")
+    raise UserError(f"{key}={value!r} {need}: e.g. --config.{key}={example}")
 
 
 def _positive_int(config: ml_collections.ConfigDict, key: str, example: Any) -> None:
@@ -50,11 +52,11 @@ def check_workdir_arg(workdir: str | None) -> None:
     """An empty ``--workdir=`` would train into the current directory, and a workdir's own ``checkpoints/``
     (a slip of tab completion) would start a second run inside the first one's checkpoint folder."""
     if not workdir or not str(workdir).strip():
-        raise ValueError("--workdir is empty: give the directory for checkpoints and metrics, e.g. --workdir runs/demo")
+        raise UserError("--workdir is empty: give the directory for checkpoints and metrics, e.g. --workdir runs/demo")
     path = pathlib.Path(workdir).expanduser().resolve()
     if path.name == "checkpoints" and _is_bagjax_config(path.parent / "config.json"):
-        raise ValueError(f"--workdir {workdir} is the checkpoints/ folder of the workdir {path.parent}: "
-                         f"use --workdir {path.parent} to resume that run, or a new directory for a new one")
+        raise UserError(f"--workdir {workdir} is the checkpoints/ folder of the workdir {path.parent}: "
+                        f"use --workdir {path.parent} to resume that run, or a new directory for a new one")
 
 
 def _is_bagjax_config(path: pathlib.Path) -> bool:
@@ -111,8 +113,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 def check_splits(config: ml_collections.ConfigDict, num_train: int, num_eval: int) -> None:
     """Both splits must hold examples: an empty eval split would only fail after all of training."""
     if num_train <= 0:
-        raise ValueError(f"the train split {config.data.train_split!r} of {config.dataset} has no readable examples: "
-                         "check the dataset path and --config.data.train_split")
+        raise UserError(f"the train split {config.data.train_split!r} of {config.dataset} has no readable examples: "
+                        "check the dataset path and --config.data.train_split")
     if num_eval <= 0:
-        raise ValueError(f"the eval split {config.data.eval_split!r} of {config.dataset} has no readable examples: "
-                         "check the dataset path and --config.data.eval_split")
+        raise UserError(f"the eval split {config.data.eval_split!r} of {config.dataset} has no readable examples: "
+                        "check the dataset path and --config.data.eval_split")

@@ -13,10 +13,12 @@ import os
 import pathlib
 import socket
 
+from bagjax.errors import UserError
+
 LOCK_FILE = ".lock"
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
     """Another live run holds the workdir's lock."""
 
 

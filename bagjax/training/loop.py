@@ -27,16 +27,17 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from bagjax import cli, data, robust
-from bagjax.errors import UserError
+from bagjax.data import fingerprint
 from bagjax.models import build_model, is_bagnet
 from bagjax.training import checkpoints, checks, features, optim, precise_bn, sharding
 from bagjax.training.checkpoints import write_dataset_info
 from bagjax.training.lock import lock_workdir
 from bagjax.training.metrics import MetricWriter
 from bagjax.training.state import TrainState
+from bagjax.errors import PathNotFoundError, PathNotWritableError, UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss or the gradients stopped being finite."""
 
 
@@ -143,17 +144,17 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
     n = jax.device_count()
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % n:
-            raise ValueError(f"{key}={config[key]} is not divisible by the {n} devices: "
-                             f"use a multiple of {n}, e.g. --config.{key}={max(n, config[key] // n * n)}")
+            raise UserError(f"{key}={config[key]} is not divisible by the {n} devices: "
+                            f"use a multiple of {n}, e.g. --config.{key}={max(n, config[key] // n * n)}")
     model = build_model(config, num_classes)
     rf = getattr(model, "receptive_field", None)
     if rf is not None and config.image_size < rf:
-        raise ValueError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
-                         f"use --config.image_size={rf} or larger")
+        raise UserError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
+                        f"use --config.image_size={rf} or larger")
     num_features = getattr(model, "num_features", None)
     if config.head == "identity" and num_features is not None and num_classes > num_features:
-        raise ValueError(f"the identity head needs num_classes <= {num_features} feature channels, got {num_classes}: "
-                         "use --config.head=learned or --config.model_kwargs.identity_expand=True")
+        raise UserError(f"the identity head needs num_classes <= {num_features} feature channels, got {num_classes}: "
+                        "use --config.head=learned or --config.model_kwargs.identity_expand=True")
     if config.recipe_init_from is not None and config.init_from != config.recipe_init_from:
         raise UserError(f"configs/folder.py chose its model for init_from={config.recipe_init_from!r}, not "
                         f"{config.init_from!r}: give the weights in the config argument, --config "
@@ -161,7 +162,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
     if config.cache_features:
         features.check(config, model)
     if config.init_from and not pathlib.Path(config.init_from).exists():
-        raise FileNotFoundError(f"init_from {config.init_from} does not exist: convert the official weights with "
+        raise PathNotFoundError(f"init_from {config.init_from} does not exist: convert the official weights with "
                                 f"python -m bagjax.convert --model {config.model} --torch-weights FILE --out "
                                 f"{config.init_from}, or train from scratch with --config.init_from=''")
     from bagjax.convert import check_pretrained, reduced_precision_warning
@@ -175,7 +176,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"workdir {workdir} is not writable ({e.strerror}): choose another --workdir") from None
+        raise PathNotWritableError(f"workdir {workdir} is not writable ({e.strerror}): "
+                                   "choose another --workdir") from None
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -197,7 +199,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
                or "JOBSET_NAME" in env or "JOB_COMPLETION_INDEX" in env
                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
     if dist.initialize not in ("auto", "always", "never"):
-        raise ValueError(f"distributed.initialize={dist.initialize!r}: use auto, always or never")
+        raise UserError(f"distributed.initialize={dist.initialize!r}: use auto, always or never")
     if dist.initialize == "never" or (dist.initialize == "auto" and not (address or cluster)):
         return
     if jax.distributed.is_initialized():
@@ -246,9 +248,9 @@ def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any],
         if "head" in keys:
             kept.append(name)
             return new
-        raise ValueError(f"init_from does not fit the model at {name} "
-                         f"({'missing' if node is None else np.shape(node)} vs {tuple(new.shape)}): "
-                         "use weights of the same --config.model")
+        raise UserError(f"init_from does not fit the model at {name} "
+                        f"({'missing' if node is None else np.shape(node)} vs {tuple(new.shape)}): "
+                        "use weights of the same --config.model")
 
     return jax.tree_util.tree_map_with_path(pick, init), kept
 
@@ -311,8 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checks.check_splits(config, info.num_train, info.num_eval)
     num_classes = info.num_classes if config.num_classes <= 0 else config.num_classes
     if num_classes < info.num_classes:
-        raise ValueError(f"num_classes={num_classes} but the dataset has {info.num_classes} classes: "
-                         f"use --config.num_classes={info.num_classes} (or -1 to take it from the data)")
+        raise UserError(f"num_classes={num_classes} but the dataset has {info.num_classes} classes: "
+                        f"use --config.num_classes={info.num_classes} (or -1 to take it from the data)")
     check_config(config, workdir, num_classes)
     lock = lock_workdir(workdir, is_main=jax.process_index() == 0, process_count=jax.process_count())
     try:
@@ -322,12 +324,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             lock.release()
 
 
+def check_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+               info: data.DatasetInfo) -> fingerprint.Verdict:
+    """A resume on other data than the workdir's checkpoints were trained on is refused (bagjax.data.fingerprint)."""
+    if not checkpoints.finished_steps(workdir) or info.fingerprint is None:
+        return fingerprint.Verdict(None)  # a new run: nothing to compare with
+    return fingerprint.check(checkpoints.saved_fingerprint(workdir), info.fingerprint, str(workdir),
+                             allow_changed=bool(config.data.get("allow_changed_data", False)))
+
+
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.DatasetInfo,
            num_classes: int) -> dict[str, float]:
     """The run itself, once every check passed and the workdir is locked."""
     if info.num_skipped:
         print(f"data: skipped {info.num_skipped} unreadable image(s)", flush=True)
     is_main = jax.process_index() == 0
+    verdict = check_data(config, workdir, info)  # before anything is restored or written
+    if verdict.line and is_main:
+        print(verdict.line, flush=True)
 
     steps_per_epoch, total_steps, eval_every = _steps(config, info)
     mesh = sharding.make_mesh()
@@ -364,7 +378,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
 
     if is_main:  # only now: a run refused above must not overwrite the workdir's record of its config
         checkpoints.write_config(workdir, config)
-        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval)
+        write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval, info.fingerprint)
     start_step = int(jax.device_get(state.step))
     p_train_step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                            in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
@@ -408,6 +422,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         return data.eval_batches(config) if cache is None else features.eval_batches(config, cache)
 
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+    if verdict.changed:
+        writer.note(start_step, {"data_changed": verdict.line})
     cli.raise_if_interrupted()  # a SIGTERM/SIGINT during start-up: one line, nothing written yet to lose
     preemption = _Preemption()
     eval_metrics: dict[str, float] = {}
@@ -488,8 +504,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
 
 
 def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names) -> None:
-    """A figure of a few eval images beside the exact stride-1 evidence map of their predicted class (heatmaps.png)."""
-    from bagjax import interpret
+    """A figure of a few eval images beside the exact stride-1 evidence map of their predicted class (heatmaps.png),
+    and the evidence explorer page of the same images (explore.html, ``bagjax.explore``)."""
+    from bagjax import explore, interpret
+    from bagjax.workdir import Trained
 
     batch = next(iter(data.eval_batches(config, process_index=0, process_count=1)))
     pixels = batch["image"][: config.heatmap_images]
@@ -499,3 +517,6 @@ def _write_heatmaps(config, model, variables, workdir: pathlib.Path, class_names
     titles = [f"true {class_names[t]} / pred {class_names[p]}" for t, p in zip(batch["label"], predicted)]
     interpret.save_heatmap_figure(workdir / "heatmaps.png", pixels, maps, titles)
     print(f"wrote {workdir / 'heatmaps.png'}", flush=True)
+    examples = [explore.Example(f"eval #{i}", p, int(t)) for i, (p, t) in enumerate(zip(pixels, batch["label"]))]
+    trained = Trained(config, model, variables, tuple(class_names))
+    print(f"wrote {explore.explore(workdir, examples=examples, trained=trained, progress=False)}", flush=True)

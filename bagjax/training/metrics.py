@@ -31,6 +31,13 @@ class MetricWriter:
         self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
                                          purge_step=resume_step + 1 if resume_step > 0 else None)
 
+    def note(self, step: int, record: dict) -> None:
+        """A record that is not a scalar (e.g. ``data_changed``: what changed in the data at a resume), in
+        metrics.jsonl only."""
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": int(step), **record}) + "\n")
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import optax
 
+from bagjax.errors import UserError
+
 HEAD_KEY = "head"
 
 
@@ -32,7 +34,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     elif name == "constant":
         main = optax.constant_schedule(lr)
     else:
-        raise ValueError(f"unknown schedule.name {name!r}: choose cosine, step or constant")
+        raise UserError(f"unknown schedule.name {name!r}: choose cosine, step or constant")
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -60,13 +62,13 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epo
     elif opt.name == "adamw":
         tx = optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask)
     else:
-        raise ValueError(f"unknown optimizer.name {opt.name!r}: choose sgd or adamw")
+        raise UserError(f"unknown optimizer.name {opt.name!r}: choose sgd or adamw")
     if opt.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
     if config.freeze_backbone:
         if HEAD_KEY not in params:
-            raise ValueError(f"freeze_backbone=True but the {config.head!r} head has no parameters to train: "
-                             "use head='learned', 'orthogonal', 'orthogonal_hoffer' or 'hadamard'")
+            raise UserError(f"freeze_backbone=True but the {config.head!r} head has no parameters to train: "
+                            "use head='learned', 'orthogonal', 'orthogonal_hoffer' or 'hadamard'")
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                    trainable_labels(params, True))
     return tx
