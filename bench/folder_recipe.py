@@ -6,6 +6,7 @@ an RBF ``SVC`` on the raw pixels of the same PNGs. Per seed (the split's and the
 eval mode against batch statistics, wall time.
 
     python bench/folder_recipe.py --seeds 0 1 2
+    python bench/folder_recipe.py --seeds 0 1 2 --budget 0.5   # what tests/test_recipes.py trains
 
 The last line is `folder_recipe: R.RRx (bagjax error rate over SVC's; lower is better)`, mean error rates over
 the seeds.
@@ -32,8 +33,12 @@ def main() -> None:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="split and training seeds")
     parser.add_argument("--num-train", type=int, default=1400, help="train images (the rest of 1,797 evaluate)")
+    parser.add_argument("--budget", type=float, default=1.0, help="the recipe's compute budget (configs/folder.py:"
+                        "PATH,budget=F)")
     args = parser.parse_args()
     benchargs.at_least(parser, args, seeds=0, num_train=10)
+    if args.budget <= 0:
+        parser.error(f"--budget must be positive, got {args.budget:g}")
     if args.num_train > 1787:
         parser.error(f"--num-train must be at most 1787 (10 eval images), got {args.num_train}")
     rows = []
@@ -43,7 +48,8 @@ def main() -> None:
             train, evaluate = digits.digits_split(args.num_train, seed)
             folder = digits.write_split_folder(root / f"digits{seed}", train, evaluate)
             base = baselines.classical(folder)
-            run = baselines.train(f"folder.py:{folder}", root / f"run{seed}", f"--config.seed={seed}")
+            budget = f",budget={args.budget:g}" if args.budget != 1 else ""
+            run = baselines.train(f"folder.py:{folder}{budget}", root / f"run{seed}", f"--config.seed={seed}")
             rows.append({"seed": seed, **base, "bagjax": run["eval_accuracy"], "eval mode": run["guard_eval_accuracy"],
                          "batch stats": run["guard_batch_stats_accuracy"], "seconds": run["seconds"]})
             print(run["recipe"], flush=True)

@@ -7,6 +7,7 @@ features) of the pretrained workdir (``configs/folder.py:TARGET,init_from=PRETRA
 ``LogisticRegression`` and an RBF ``SVC`` on the raw pixels.
 
     python bench/transfer.py
+    python bench/transfer.py --budget 0.5   # half the epochs in every run
 
 The last line is `transfer: R.RRx (full fine-tuning's error rate over from-scratch's; lower is better)`.
 """
@@ -30,15 +31,20 @@ def main() -> None:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=20, help="target train images per class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=1.0, help="the recipe's compute budget for every run "
+                        "(configs/folder.py:PATH,budget=F)")
     parser.add_argument("--keep", default="", help="keep the workdirs in this directory (default: a temporary one)")
     parser.add_argument("--pretrained", default="", help="a workdir of the recipe on the digits 0-4 to fine-tune "
                         "instead of pretraining here (e.g. KEEP/pretrain of an earlier run)")
     args = parser.parse_args()
     benchargs.at_least(parser, args, per_class=1, seed=0)
+    if args.budget <= 0:
+        parser.error(f"--budget must be positive, got {args.budget:g}")
     if args.per_class > 150:
         parser.error(f"--per-class must be at most 150 (the rest evaluates), got {args.per_class}")
     root = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="bench_transfer_"))
     seed = f"--config.seed={args.seed}"
+    budget = f",budget={args.budget:g}" if args.budget != 1 else ""
     try:
         train, evaluate = digits.digits_split(seed=args.seed)
         source = digits.write_split_folder(root / "digits0-4", train, evaluate, classes=range(5))
@@ -47,11 +53,12 @@ def main() -> None:
         runs = {}
         pretrained = pathlib.Path(args.pretrained) if args.pretrained else root / "pretrain"
         if not args.pretrained:
-            runs["pretrain (0-4, from scratch)"] = baselines.train(f"folder.py:{source}", pretrained, seed)
-        runs["from scratch"] = baselines.train(f"folder.py:{target}", root / "scratch", seed)
-        runs["full fine-tuning"] = baselines.train(f"folder.py:{target},init_from={pretrained}", root / "full", seed)
+            runs["pretrain (0-4, from scratch)"] = baselines.train(f"folder.py:{source}{budget}", pretrained, seed)
+        runs["from scratch"] = baselines.train(f"folder.py:{target}{budget}", root / "scratch", seed)
+        runs["full fine-tuning"] = baselines.train(f"folder.py:{target},init_from={pretrained}{budget}", root / "full",
+                                                   seed)
         runs["head only (cached features)"] = baselines.train(
-            f"folder.py:{target},init_from={pretrained},head_only", root / "head", seed)
+            f"folder.py:{target},init_from={pretrained},head_only{budget}", root / "head", seed)
         base = baselines.classical(target)
     finally:
         if not args.keep:

@@ -1,5 +1,6 @@
 """Head-only training on cached features (bagjax.training.features): the same head as training through the
-frozen network without augmentation, for a linear and a normalising BagNet head and for ResNet-50; the refusals."""
+frozen network without augmentation (a normalising BagNet head, end to end through train.py's loop), and the same
+image logits from the cached vector alone for every BagNet head and for ResNet-50."""
 
 import numpy as np
 import pytest
@@ -17,11 +18,11 @@ def folder(tmp_path_factory):
                               classes=range(5))
 
 
-def _config(folder, model, head, cached):
+def _config(folder, cached):
     from configs import demo
 
     config = demo.get_config("smoke")
-    config.model, config.head, config.image_size = model, head, 40 if model != "resnet50" else 64
+    config.model, config.head, config.image_size = "bagnet17", "hadamard", 40
     config.dataset, config.num_classes = f"imagefolder:{folder}", -1
     config.batch_size, config.eval_batch_size, config.total_steps = 8, 8, STEPS
     config.eval_every_steps = STEPS
@@ -34,13 +35,15 @@ def _config(folder, model, head, cached):
     return config
 
 
-@pytest.mark.parametrize("model,head", [("bagnet17", "hadamard"), ("resnet50", "learned")])
-def test_cached_features_train_the_same_head_as_the_whole_network(folder, tmp_path, model, head):
+def test_cached_features_train_the_same_head_as_the_whole_network(folder, tmp_path):
+    """Hadamard normalises each location's feature (thesis Eq. 3.6), the hardest case for a cache of one vector.
+    Any head whose image logits equal the head of the cached vector (the test below, ResNet-50 included) gets the
+    same gradients, so one end-to-end run pair stands for all."""
     from bagjax.training.loop import train_and_evaluate
 
     runs = {}
     for cached in (False, True):
-        metrics = train_and_evaluate(_config(folder, model, head, cached), str(tmp_path / str(cached)))
+        metrics = train_and_evaluate(_config(folder, cached), str(tmp_path / str(cached)))
         runs[cached] = (metrics, restore_params(tmp_path / str(cached), STEPS))
     assert (tmp_path / "True" / "features.npz").exists() and not (tmp_path / "False" / "features.npz").exists()
     (plain, plain_vars), (cached, cached_vars) = runs[False], runs[True]
@@ -53,22 +56,27 @@ def test_cached_features_train_the_same_head_as_the_whole_network(folder, tmp_pa
     assert cached["eval_accuracy"] == plain["eval_accuracy"]
 
 
-@pytest.mark.parametrize("head", ["learned", "orthogonal", "orthogonal_hoffer", "hadamard", "identity"])
-def test_every_bagnet_head_gives_the_image_logits_from_the_pooled_features_alone(head):
-    """The heads that normalise do so per location (thesis Eq. 3.6), so their cache is the mean normalised feature."""
+BAGNET_HEADS = ("learned", "orthogonal", "orthogonal_hoffer", "hadamard", "identity")
+
+
+@pytest.mark.parametrize("model,head", [("bagnet17", h) for h in BAGNET_HEADS] + [("resnet50", "learned")])
+def test_the_image_logits_follow_from_the_cached_vector_through_the_head_alone(model, head):
+    """The BagNet heads that normalise do so per location (thesis Eq. 3.6), so their cache is the mean normalised
+    feature; ResNet-50's head acts on the pooled feature."""
     import jax
     import jax.numpy as jnp
 
     from bagjax.models import create_model
     from bagjax.training import features
 
-    model = create_model("bagnet17", num_classes=5, head=head, width=8, stage_sizes=(1, 1, 1, 1))
+    net = create_model(model, num_classes=5, head=head, width=8, stage_sizes=(1, 1, 1, 1))
     images = jax.random.normal(jax.random.key(0), (2, 48, 48, 3))
-    variables = model.init(jax.random.key(1), images)
-    pooled = model.apply(variables, images, method="pooled_features")
+    variables = net.init(jax.random.key(1), images)
+    pooled = net.apply(variables, images, method="pooled_features")
     assert pooled.shape == (2, 256)
     if head != "identity":  # no parameters: nothing to train, freeze_backbone refuses it
-        np.testing.assert_allclose(features.head_logits(model, variables["params"], pooled),
-                                   model.apply(variables, images), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jnp.mean(model.apply(variables, images, method="patch_logits"), (1, 2)),
-                               model.apply(variables, images), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(features.head_logits(net, variables["params"], pooled),
+                                   net.apply(variables, images), rtol=1e-5, atol=1e-5)
+    if model != "resnet50":
+        np.testing.assert_allclose(jnp.mean(net.apply(variables, images, method="patch_logits"), (1, 2)),
+                                   net.apply(variables, images), rtol=1e-5, atol=1e-6)
