@@ -52,10 +52,24 @@ def test_from_scratch_recipe_follows_the_data(tmp_path, capsys):
     assert "bagnet17 (receptive field 17 px = 42% of the side" in line and "upscaled from 32 px" in line
 
 
+def test_the_budget_scales_the_epochs_and_says_so(tmp_path, capsys):
+    from configs import folder
+
+    path = _folder(tmp_path, 32)
+    full = folder.get_config(str(path))
+    assert "(budget " not in capsys.readouterr().out
+    half = folder.get_config(f"{path},budget=0.5")
+    assert (full.num_epochs, half.num_epochs) == (30, 15) and half.batch_size == full.batch_size
+    line = capsys.readouterr().out
+    assert "15 epochs" in line and "budget 0.5: 0.5x the recipe's epochs" in line
+
+
 @pytest.mark.parametrize("arg,fragment", [("{p}", "train/<label>"), ("{p},init=x", "unknown option 'init=x'"),
                                           ("{p},head_only", "head_only needs pretrained weights"),
                                           ("{p}/validation/a,init_from={p}", "has no train/ directory"),
-                                          ("{p},init_from={p}/nowhere", "does not exist")])
+                                          ("{p},init_from={p}/nowhere", "does not exist"),
+                                          ("{p},budget=0", "budget=0 is not a positive number"),
+                                          ("{p},budget=x", "budget=0.5")])
 def test_folder_arguments_that_cannot_work_are_one_line(tmp_path, arg, fragment):
     from configs import folder
 
