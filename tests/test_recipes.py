@@ -12,11 +12,12 @@ from bagjax.errors import UserError
 from digits import digits_split, write_split_folder
 from trainutil import read_metrics, run_train
 
-# The digits tests train the recipe once at a small compute budget (configs/folder.py:PATH,budget=BUDGET), measured
-# over seeds 0-2 (docs/own_images.md): its eval accuracy minus logistic regression's on the same 32 px images of
-# the 1,400 / 397 split was at least MEASURED_MARGIN; CI asks for MARGIN, below the worst seed.
+# The digits tests train the recipe once at a small compute budget (configs/folder.py:PATH,budget=BUDGET). Measured
+# over seeds 0-2 at this budget (bench/folder_recipe.py, docs/own_images.md), its eval accuracy minus logistic
+# regression's on the same 32 px images of the 1,400 / 397 split was +1.76 / +1.51 / +1.26 points; CI trains
+# seed 0 and asks for MARGIN, below the worst seed's.
 BUDGET = 0.5
-MARGIN = 0.0
+MARGIN = 0.01
 
 
 def _folder(root, side, classes=("a", "b"), per_class=3, mode="RGB"):
@@ -137,7 +138,10 @@ def digits_run(tmp_path_factory):
     digits as 32 px PNGs, a seeded 1,400 / 397 split. Returns (folder, workdir, train.py's stdout)."""
     root = tmp_path_factory.mktemp("digits_recipe")
     folder = write_split_folder(root / "digits", *digits_split(seed=0))
-    proc = run_train(f"folder.py:{folder},budget={BUDGET}", root / "run", "--config.heatmap_images=0", timeout=1500)
+    # One evaluation, at the end: the recipe's four earlier ones change no weight and no final statistic (precise
+    # BN recomputes them from the training batches alone), so they would only cost time.
+    proc = run_train(f"folder.py:{folder},budget={BUDGET}", root / "run", "--config.heatmap_images=0",
+                     "--config.eval_every_steps=100000", timeout=1500)
     return folder, root / "run", proc.stdout
 
 
