@@ -63,6 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.label_smoothing = 0.0
     config.freeze_backbone = False        # train only the head (the blackout paper's fine-tuning)
+    config.cache_features = False         # with freeze_backbone: the head trains on features computed once per image
+    #                                       (no augmentation; bagjax/training/features.py)
+    config.reinit_head = False            # re-initialise the head from init_from even when it fits (other classes)
+    # Set by a recipe (bagjax.recipes): the init_from it chose the model for; train.py refuses another one.
+    config.recipe_init_from = ml_collections.config_dict.placeholder(str)
     config.aux_loss_weight = 1.0          # AnchorNet: weight of the auxiliary attention classifiers
     config.robust = ml_collections.ConfigDict({"clip": ""})  # "cbn": train on Clipped BagNet logits (bagjax.robust)
     config.skip_nonfinite_updates = False  # True: skip a step whose loss/grads are not finite instead of stopping
@@ -124,6 +129,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data.eval_split = "validation"
     config.schedule.warmup_epochs = 0.0
     config.freeze_backbone = False
+    config.cache_features = False
+    config.reinit_head = False
     config.precise_bn.num_batches = 2
     config.precise_bn.guard_batches = 1
     return config

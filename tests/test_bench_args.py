@@ -28,6 +28,9 @@ CASES = [  # (script, arguments, what the line must say); {file} and {workdir} a
     ("export.py", ["--size", "20"], "--size must be at least 33, got 20"),
     ("folder_index.py", ["--workers", "0"], "--workers must be at least 1, got 0"),
     ("lsp.py", ["--images", "3"], "unrecognized arguments: --images 3"),
+    ("folder_recipe.py", ["--num-train", "5"], "--num-train must be at least 10, got 5"),
+    ("transfer.py", ["--per-class", "0"], "--per-class must be at least 1, got 0"),
+    ("linear_probe.py", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
 ]
 
 

@@ -74,3 +74,44 @@ def test_init_from_a_directory_that_holds_no_weights_is_refused_before_the_workd
         f"error: {tmp_path / 'not_weights'} is not a converted checkpoint (no model.json + variables/): create one "
         "with python -m bagjax.convert"], proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # no lock, no empty checkpoints/
+
+
+# ----------------------------------------------------------------------------------------------- the folder recipe
+@pytest.fixture(scope="module")
+def official_bagnet33(tmp_path_factory):
+    """Random-weight PyTorch BagNet-33 (the official layout, 10 classes) through bagjax.convert, and a small
+    folder of JPEGs of another size (2 classes)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("official")
+    reference = torch_reference.build_reference("bagnet33", 10, seed=3)
+    convert.write_pretrained(root / "bagnet33", convert.from_torch_state_dict("bagnet33", reference.state_dict()),
+                             model="bagnet33", num_classes=10, source="random.pth.tar")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("validation", 1)):
+        for label in ("cat", "dog"):
+            (root / "jpegs" / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (150, 180, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "jpegs" / split / label / f"{i}.jpg")
+    return root / "bagnet33", root / "jpegs"
+
+
+@pytest.mark.parametrize("mode", ["", ",head_only"])
+def test_folder_recipe_fine_tunes_the_official_bagnet33_at_224_px(official_bagnet33, tmp_path, mode):
+    """Two steps in each mode. Full fine-tuning trains at 64 px here (--config.image_size): a backward pass of
+    the full BagNet-33 at 224 px takes minutes on the CI's 2 cores; head-only runs at the recipe's 224 px."""
+    weights, jpegs = official_bagnet33
+    size = () if mode else ("--config.image_size=64",)
+    proc = run_train(f"folder.py:{jpegs},init_from={weights}{mode}", tmp_path, "--config.batch_size=2",
+                     "--config.eval_batch_size=2", "--config.total_steps=2", "--config.heatmap_images=0",
+                     "--config.precise_bn.guard_batches=1", "--config.data.workers=0", *size)
+    assert (f"fine-tune {'head only' if mode else 'every layer'}" in proc.stdout
+            and f"of converted bagnet33 {weights}: bagnet33 (learned head) at 224 px" in proc.stdout
+            and "new head: 2 classes, not the source's 10" in proc.stdout), proc.stdout[-2000:]
+    assert "final eval:" in proc.stdout
+    assert ("features: 6 images through the frozen backbone" in proc.stdout) == bool(mode)
+    before, after = _flat(convert.read_pretrained(weights)[0]), _flat(restore_params(tmp_path, 2))
+    assert after["params/head/kernel"].shape == (2048, 2)
+    stem = "params/conv1/kernel"
+    assert np.array_equal(after[stem], before[stem]) == bool(mode)  # head only: the backbone is untouched

@@ -1,8 +1,7 @@
-"""Precise BatchNorm (pycls / detectron2 PreciseBN), the batch-statistics guard, bn_momentum for every model,
-and the folder recipe trained on real images (scikit-learn's digits)."""
+"""Precise BatchNorm (pycls / detectron2 PreciseBN), the batch-statistics guard and bn_momentum for every model
+(the folder recipe on real images: tests/test_recipes.py)."""
 
 import functools
-import json
 import shutil
 import subprocess
 import sys
@@ -11,13 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from bagjax import data
 from bagjax.models import create_model
 from bagjax.training import precise_bn
 from bagjax.training.state import TrainState
-from digits import write_digits_folder
 from trainutil import ROOT, read_metrics, restore_params, run_train, train_env
 
 SMALL = {"width": 8, "stage_sizes": (1, 1, 1, 1)}
@@ -196,47 +193,3 @@ def test_bn_momentum_defaults_to_the_official_momenta_and_overrides_every_batchn
     assert official.pop(stem) == pytest.approx(0.1 if name == "resnet50" else 0.001, rel=1e-4)
     assert all(r == pytest.approx(0.1, rel=1e-4) for r in official.values())
     assert all(r == pytest.approx(0.5, rel=1e-4) for k, r in ratios[0.5] if k[-1].key == "mean")
-
-
-# ----------------------------------------------------------------------------------------------- real images
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return write_digits_folder(tmp_path_factory.mktemp("digits"))
-
-
-def test_folder_recipe_follows_the_data(digits):
-    from configs import folder
-
-    config = folder.get_config(str(digits))
-    assert (config.model, config.image_size, config.dataset) == ("bagnet17", 40, f"imagefolder:{digits}")
-    assert (config.data.train_split, config.data.eval_split) == ("train", "validation")
-    assert config.data.crop_min_area == 0.64 and not config.data.flip and config.batch_size == 64
-    with pytest.raises(ValueError, match="train/<label>"):
-        folder.get_config(str(digits / "train"))
-
-
-@pytest.mark.parametrize("side,model,size", [(6, "bagnet9", 32), (24, "bagnet9", 32), (40, "bagnet17", 40)])
-def test_folder_recipe_upscales_images_too_small_for_a_bag_of_patches(tmp_path, capsys, side, model, size):
-    from configs import folder
-    from bagjax.models import bagnet
-
-    for split in ("train", "validation"):
-        for label in ("a", "b"):
-            (tmp_path / split / label).mkdir(parents=True)
-            for i in range(3):
-                Image.new("RGB", (side, side), (80 * i, 0, 0)).save(tmp_path / split / label / f"{i}.png")
-    config = folder.get_config(str(tmp_path))
-    assert (config.model, config.image_size) == (model, size)
-    grid = bagnet.grid_size(size, bagnet.KERNEL3[model], config.model_kwargs.stage_sizes)
-    assert grid >= 3 and (model != "bagnet9" or grid == 3)
-    assert ("(upscaled: bagnet9 needs 32 px for 3x3 patches)" in capsys.readouterr().out) == (side < 32)
-
-
-def test_folder_config_learns_real_digits_with_trustworthy_eval_mode(digits, tmp_path):
-    """>= 95% on the 359 held-out digits, and eval mode within 2 points of batch statistics (the guard)."""
-    proc = run_train(f"folder.py:{digits}", tmp_path, "--config.heatmap_images=0")
-    assert "folder recipe for" in proc.stdout and "warning:" not in proc.stdout, proc.stdout[-2000:]
-    final = [m for m in read_metrics(tmp_path) if "guard_eval_accuracy" in m][-1]
-    print(json.dumps(final))
-    assert final["eval_count"] == 359 and final["eval_accuracy"] >= 0.95, final
-    assert abs(final["guard_eval_accuracy"] - final["guard_batch_stats_accuracy"]) <= 0.02, final

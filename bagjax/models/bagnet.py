@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from bagjax.models.clip import clipped_logits, parse_clip
 from bagjax.models import contract
 from bagjax.models.contract import Capabilities
-from bagjax.models.heads import Head, check_head
+from bagjax.models.heads import NORMALISING, Head, check_head, pool_for_head
 from bagjax.models.resnet import Bottleneck, conv, norm, stage_plan, torch_momentum
 from bagjax.errors import UserError
 
@@ -76,8 +76,12 @@ class BagNet(nn.Module):
     @property
     def capabilities(self) -> Capabilities:
         rf, stride = receptive_field(self.kernel3, self.stage_sizes)
+        # Head-only training on cached features (bagjax.training.features): the mean patch logit follows from
+        # pooled_features(x) through the head alone (a clipped mean does not); the heads that normalise per
+        # location take the mean of the normalised features.
         return Capabilities(patch_logits=True, features=True, receptive_field=rf, stride=stride,
-                            head=self.head, num_features=self.num_features)
+                            head=self.head, num_features=self.num_features, cacheable_head=not self.clip,
+                            pooled_normalized=self.head in NORMALISING)
 
     @property
     def num_features(self) -> int:
@@ -86,6 +90,10 @@ class BagNet(nn.Module):
     def features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Per-location features ``(B, H', W', n_c)`` before the head."""
         return self(x, train, output="features")
+
+    def pooled_features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """``(B, n_c)``: the mean over locations of what the per-location head multiplies (``pool_for_head``)."""
+        return pool_for_head(self.head, self.features(x, train))
 
     def patch_logits(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Per-patch class evidence ``(B, H', W', C)``; the image logits are its mean over H', W'."""

@@ -54,6 +54,10 @@ class Capabilities:
     - ``num_features``: the channels the head acts on (the ``identity`` head needs at least ``num_classes``).
     - ``branches``: the branch receptive fields keying AnchorNet's ``aux`` maps; empty for other models.
     - ``loss``: the training loss ``loss(logits, aux, labels, *, label_smoothing, aux_weight)``, a batch mean.
+    - ``cacheable_head``: the image logits follow from one vector per image through the head alone,
+      ``apply(..., method='pooled_features')`` (``(B, n_c)``), so head-only training can cache it
+      (``bagjax.training.features``); ``pooled_normalized``: that vector is already a mean of L2-normalised
+      features, which the head then takes as it is (``Head(...)(pooled, normalized=True)``).
     """
 
     patch_logits: bool = False
@@ -64,6 +68,8 @@ class Capabilities:
     num_features: int | None = None
     branches: tuple[int, ...] = ()
     loss: Callable[..., jax.Array] = classification_loss
+    cacheable_head: bool = False
+    pooled_normalized: bool = False
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
         """The output grid ``(H', W')`` of a ``height x width`` input (bounded receptive fields only)."""

@@ -79,7 +79,9 @@ class Head(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, normalized: bool = False) -> jnp.ndarray:
+        """Logits of features ``x``; ``normalized``: ``x`` is already a mean of L2-normalised features
+        (``pool_for_head``), which the normalising heads then take as it is."""
         n_c, n_k = x.shape[-1], self.num_classes
         check_head(self.kind, n_k, n_c)
         if self.kind == "identity":
@@ -100,7 +102,23 @@ class Head(nn.Module):
             w, sign, alpha = hadamard_matrix(n_c, n_k), -1.0, 1.0 / math.sqrt(n_k)
             scale = self.param("scale", nn.initializers.constant(alpha), (), jnp.float32)
             bias = self.param("bias", uniform_symmetric(alpha), (n_k,), jnp.float32)
-        return sign * scale * jnp.dot(l2_normalize(x.astype(jnp.float32)), jnp.asarray(w).T) + bias
+        x = x.astype(jnp.float32) if normalized else l2_normalize(x.astype(jnp.float32))
+        return sign * scale * jnp.dot(x, jnp.asarray(w).T) + bias
+
+
+NORMALISING = ("orthogonal_hoffer", "hadamard")
+
+
+def pool_for_head(kind: str, features: jnp.ndarray) -> jnp.ndarray:
+    """The per-image vector ``(B, n_c)`` from which a per-location head gives the image logits (the mean of the
+    patch logits) in one application: every head is affine in what it multiplies by W, so the mean commutes
+    with it. That is the mean feature for ``learned``, ``orthogonal`` and ``identity`` (thesis Eq. 3.3, 3.4), and
+    the mean of the L2-normalised features for the heads that normalise per location (thesis Eq. 3.6; Hoffer et
+    al.'s ``Proj``), applied with ``Head(..., normalized=True)``."""
+    features = features.astype(jnp.float32)
+    if kind in NORMALISING:
+        features = l2_normalize(features)
+    return jnp.mean(features, axis=tuple(range(1, features.ndim - 1)))
 
 
 def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:

@@ -136,11 +136,16 @@ class ResNet50(nn.Module):
     @property
     def capabilities(self) -> Capabilities:
         """Padded convs and global pooling: no bounded receptive field, no patch logits; a CAM from its features."""
-        return Capabilities(features=True, head=self.head, num_features=self.num_features)
+        return Capabilities(features=True, head=self.head, num_features=self.num_features,
+                            cacheable_head=True)  # the head acts on the pooled feature (pooled_features)
 
     def features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """The last block's feature map ``(B, H/32, W/32, n_c)``."""
         return self(x, train, output="features")
+
+    def pooled_features(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """``(B, n_c)``: the globally average-pooled feature the head takes."""
+        return jnp.mean(self.features(x, train).astype(jnp.float32), axis=(1, 2))
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, output: str = "logits") -> Any:

@@ -31,7 +31,7 @@ from bagjax import cli, data
 from bagjax.data import fingerprint
 from bagjax.models import build_model
 from bagjax.models.contract import cross_entropy
-from bagjax.training import checkpoints, checks, hooks, optim, precise_bn, sharding
+from bagjax.training import checkpoints, checks, features, hooks, optim, precise_bn, sharding
 from bagjax.training.checkpoints import write_dataset_info
 from bagjax.training.lock import lock_workdir
 from bagjax.training.metrics import MetricWriter
@@ -50,11 +50,18 @@ INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 # ----------------------------------------------------------------------------------------------- steps
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optax update on a global batch; returns the new state and the batch's loss and accuracy."""
+    """One optax update on a global batch; returns the new state and the batch's loss and accuracy.
+
+    A batch of cached features (``cache_features``: key ``features`` instead of ``image``) goes through the
+    head alone (bagjax.training.features)."""
     train_bn = not config.freeze_backbone  # a frozen backbone keeps its BatchNorm statistics too
-    images = data.normalize(batch["image"])  # uint8 from the host, normalized on the device
 
     def loss_fn(params):
+        if "features" in batch:
+            logits = features.head_logits(model, params, batch["features"])
+            loss = cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+            return loss, (logits, state.batch_stats)
+        images = data.normalize(batch["image"])  # uint8 from the host, normalized on the device
         variables = {"params": params, "batch_stats": state.batch_stats}
         if train_bn:
             (logits, aux), updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
@@ -77,8 +84,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
-    """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch."""
-    logits, _ = model.apply(state.variables, data.normalize(batch["image"]), train=False)
+    """Sums of correct top-1/top-5, cross-entropy and count over the real (mask=True) examples of a batch (of
+    images, or of cached features: ``bagjax.training.features``)."""
+    if "features" in batch:
+        logits = features.head_logits(model, state.params, batch["features"])
+    else:
+        logits, _ = model.apply(state.variables, data.normalize(batch["image"]), train=False)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -101,10 +112,16 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_c
     if rf is not None and config.image_size < rf:
         raise UserError(f"image_size={config.image_size} is below {config.model}'s receptive field of {rf} px: "
                         f"use --config.image_size={rf} or larger")
-    features = model.capabilities.num_features
-    if config.head == "identity" and features is not None and num_classes > features:
-        raise UserError(f"the identity head needs num_classes <= {features} feature channels, got {num_classes}: "
+    num_features = model.capabilities.num_features
+    if config.head == "identity" and num_features is not None and num_classes > num_features:
+        raise UserError(f"the identity head needs num_classes <= {num_features} feature channels, got {num_classes}: "
                         "use --config.head=learned or --config.model_kwargs.identity_expand=True")
+    if config.recipe_init_from is not None and config.init_from != config.recipe_init_from:
+        raise UserError(f"configs/folder.py chose its model for init_from={config.recipe_init_from!r}, not "
+                        f"{config.init_from!r}: give the weights in the config argument, --config "
+                        f"configs/folder.py:PATH,init_from={config.init_from or 'DIR'}")
+    if config.cache_features:
+        features.check(config, model)
     if config.init_from and not pathlib.Path(config.init_from).exists():
         raise PathNotFoundError(f"init_from {config.init_from} does not exist: convert the official weights with "
                                 f"python -m bagjax.convert --model {config.model} --torch-weights FILE --out "
@@ -169,8 +186,10 @@ def load_pretrained(path: str) -> tuple[dict[str, Any], str]:
     return variables, f"{meta.get('model', '?')} weights converted from {meta.get('source') or path}"
 
 
-def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Take every pretrained array whose path and shape match; the head is re-initialised when its shape differs.
+def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any],
+                     reinit_head: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Take every pretrained array whose path and shape match; the head is re-initialised when its shape differs,
+    or always with ``reinit_head`` (other classes of the same number).
 
     Returns the merged variables and the paths kept from ``init``. Anything else that does not match is an error.
     """
@@ -185,7 +204,7 @@ def merge_pretrained(init: dict[str, Any], pretrained: dict[str, Any]) -> tuple[
                 break
             node = node[k]
         name = "/".join(keys)
-        if node is not None and tuple(np.shape(node)) == tuple(new.shape):
+        if node is not None and tuple(np.shape(node)) == tuple(new.shape) and not (reinit_head and "head" in keys):
             return jnp.asarray(node, new.dtype)
         if "head" in keys:
             kept.append(name)
@@ -240,16 +259,20 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, info: data.
         checkpoints.write_config(workdir, config)
         write_dataset_info(workdir, info.class_names, info.num_train, info.num_eval, info.fingerprint)
     steps = compile_steps(config, model, tx, mesh, state_sharding)
+    # Head-only on cached features: both splits' pooled features computed once (bagjax.training.features).
+    cache = features.load_or_compute(config, model, state.variables, mesh, workdir) if config.cache_features else None
+    eval_batches = functools.partial(data.eval_batches, config) if cache is None else \
+        functools.partial(features.eval_batches, config, cache)
     evaluators = Evaluators(precise_bn=hooks.PreciseBN(config, mesh, steps.bn_accumulate, is_main),
-                            evaluate=functools.partial(evaluate, steps.eval, functools.partial(data.eval_batches, config),
-                                                       mesh=mesh),
+                            evaluate=functools.partial(evaluate, steps.eval, eval_batches, mesh=mesh),
                             guard=hooks.BNGuard(config, mesh, steps.guard, info.num_eval, is_main))
     start_step = int(jax.device_get(state.step))
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     if verdict.changed:
         writer.note(start_step, {"data_changed": verdict.line})
     cli.raise_if_interrupted()  # a SIGTERM/SIGINT during start-up: one line, nothing written yet to lose
-    batches = data.train_batches(config, start_step=start_step)
+    batches = (data.train_batches(config, start_step=start_step) if cache is None
+               else features.train_batches(config, cache, start_step=start_step))
     state, eval_metrics = train_loop(config, state, steps.train, batches, evaluators, ckpt, writer, mesh,
                                      start_step=start_step, total_steps=total_steps, eval_every=eval_every)
     if eval_metrics.get("preempted"):
@@ -319,7 +342,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, mesh
                         compiler_options=INIT_COMPILER_OPTIONS)(jax.random.key(config.seed))
     if config.init_from:
         pretrained, source = load_pretrained(config.init_from)
-        variables, reinit = merge_pretrained(variables, pretrained)
+        variables, reinit = merge_pretrained(variables, pretrained, config.reinit_head)
         print(f"initialised from {source}" + (f"; new head ({len(reinit)} arrays)" if reinit else ""), flush=True)
     return jax.jit(make_state, out_shardings=state_sharding)(variables), state_sharding, tx
 
