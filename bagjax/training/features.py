@@ -6,7 +6,7 @@ of the normalised features, ``bagjax.models.heads.pool_for_head``). So the backb
 train and eval images without augmentation (the linear-probe protocol), in batches on the devices; the vectors
 are kept in ``WORKDIR/features.npz``, and the head then trains with the same optimizer, schedule, checkpoints and
 metrics. Without augmentation the result equals training through the whole network: the same head parameters
-after the same steps, to float tolerance (tests/test_finetune.py). Augmentation needs the uncached path.
+after the same steps, to float tolerance (tests/test_features.py). Augmentation needs the uncached path.
 """
 
 from __future__ import annotations
