@@ -18,6 +18,8 @@ import signal
 import sys
 from typing import Callable, Iterator, NoReturn, Sequence
 
+import tqdm
+
 from bagjax.errors import PathNotWritableError, UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -66,9 +68,17 @@ def raise_if_interrupted() -> None:
         raise Interrupted(_pending[0])
 
 
+def _end_progress_line() -> None:
+    """A progress bar on stderr stays mid-line (tqdm redraws it after a carriage return): end that line, so that
+    an ``error:`` line printed while a bar is open starts a line of its own."""
+    if getattr(tqdm.tqdm, "_instances", None):  # the bars not yet closed (tqdm's own registry)
+        print(file=sys.stderr, flush=True)
+
+
 def interrupted_exit(e: Interrupted) -> None:
     """One line and the shell's status for a signal (128 + signal number)."""
     name = signal.Signals(e.signum).name
+    _end_progress_line()
     print(f"error: stopped by {name} outside the training steps (start-up or final evaluation); no checkpoint "
           "was lost: rerun the same command to resume", file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
@@ -102,6 +112,7 @@ def stopped(signum: int, detail: str, *, now: bool = False) -> NoReturn:
     ``now``: end the process at once (``os._exit``, from a signal handler), else raise SystemExit.
     """
     sys.stdout.flush()
+    _end_progress_line()
     print(f"error: stopped by {signal.Signals(signum).name}: {detail}", file=sys.stderr, flush=True)
     if now:
         os._exit(128 + signum)

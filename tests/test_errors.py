@@ -110,3 +110,19 @@ def test_a_misspelt_config_key_is_named_from_the_locked_configs_own_keys(overrid
         cli.parse_config_flags(flag_values, argv)
     line = str(exit_info.value.code)
     assert line.startswith("error: ") and "\n" not in line and all(f in line for f in fragments), line
+
+
+def test_a_signal_during_a_progress_bar_prints_its_error_on_a_line_of_its_own(capsys):
+    """A bar on stderr stays mid-line; the ``error: stopped by ...`` line must still start a line (it was
+    appended to the bar's line when Ctrl-C came during the blackout's progress bar)."""
+    import signal
+
+    import tqdm
+
+    with tqdm.tqdm(total=8, desc="blackout (patches)") as bar:
+        bar.update(1)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.stopped(signal.SIGINT, "rerun the same command")
+    assert exit_info.value.code == 130
+    lines = capsys.readouterr().err.splitlines()
+    assert "error: stopped by SIGINT: rerun the same command" in lines, lines
