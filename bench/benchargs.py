@@ -16,3 +16,12 @@ def at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, **minimu
         for v in value if isinstance(value, list) else [value]:
             if v is not None and v < low:
                 parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+
+
+def positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """``parser.error`` for the first of ``names`` (float arguments, e.g. a compute budget) that is not above 0
+    (an argument left at None is not checked)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value:g}")

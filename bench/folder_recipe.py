@@ -37,8 +37,7 @@ def main() -> None:
                         "PATH,budget=F)")
     args = parser.parse_args()
     benchargs.at_least(parser, args, seeds=0, num_train=10)
-    if args.budget <= 0:
-        parser.error(f"--budget must be positive, got {args.budget:g}")
+    benchargs.positive(parser, args, "budget")
     if args.num_train > 1787:
         parser.error(f"--num-train must be at most 1787 (10 eval images), got {args.num_train}")
     rows = []

@@ -49,7 +49,7 @@ from bagjax.training import optim  # noqa: E402
 from bagjax.training.loop import train_step  # noqa: E402
 from bagjax.training.state import TrainState  # noqa: E402
 from bagjax.workdir import build_model  # noqa: E402
-from benchargs import at_least  # noqa: E402
+from benchargs import at_least, positive  # noqa: E402
 from configs import default  # noqa: E402
 
 MODEL = "bagnet33"
@@ -265,8 +265,7 @@ def main() -> None:
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     at_least(parser, args, batch=1, size=capabilities(MODEL).receptive_field, steps=1, rounds=1)
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        parser.error(f"--peak-tflops must be positive, got {args.peak_tflops:g}")
+    positive(parser, args, "peak_tflops")
     if args.profile is not None:
         try:
             cli.check_output_dir(args.profile, "--profile")

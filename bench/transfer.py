@@ -38,8 +38,7 @@ def main() -> None:
                         "instead of pretraining here (e.g. KEEP/pretrain of an earlier run)")
     args = parser.parse_args()
     benchargs.at_least(parser, args, per_class=1, seed=0)
-    if args.budget <= 0:
-        parser.error(f"--budget must be positive, got {args.budget:g}")
+    benchargs.positive(parser, args, "budget")
     if args.per_class > 150:
         parser.error(f"--per-class must be at most 150 (the rest evaluates), got {args.per_class}")
     root = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="bench_transfer_"))

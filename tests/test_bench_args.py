@@ -30,6 +30,7 @@ CASES = [  # (script, arguments, what the line must say); {file} and {workdir} a
     ("lsp.py", ["--images", "3"], "unrecognized arguments: --images 3"),
     ("folder_recipe.py", ["--num-train", "5"], "--num-train must be at least 10, got 5"),
     ("transfer.py", ["--per-class", "0"], "--per-class must be at least 1, got 0"),
+    ("transfer.py", ["--budget", "0"], "--budget must be positive, got 0"),
     ("linear_probe.py", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
 ]
 
