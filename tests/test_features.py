@@ -80,3 +80,38 @@ def test_the_image_logits_follow_from_the_cached_vector_through_the_head_alone(m
     if model != "resnet50":
         np.testing.assert_allclose(jnp.mean(net.apply(variables, images, method="patch_logits"), (1, 2)),
                                    net.apply(variables, images)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_backbone_is_never_differentiated(frozen):
+    """The uncached head-only step differentiates the head alone: it holds the forward pass's convolutions and no
+    backward ones, and only the head moves; training every layer holds them all and moves the backbone too."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bagjax.models import build_model
+    from bagjax.training import loop, optim
+
+    config = _config("unused", cached=False)
+    config.freeze_backbone = frozen
+    model = build_model(config, 5)
+    variables = loop.init_variables(jax.random.key(0), model=model, image_size=config.image_size)
+    tx = optim.make_optimizer(config, variables["params"], steps_per_epoch=1, total_steps=STEPS)
+    state = loop.init_state(variables, tx=tx)
+    batch = {"image": jnp.zeros((2, 40, 40, 3), jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}
+
+    def convolutions(fn, *args) -> int:
+        return jax.jit(fn).lower(*args).as_text().count("stablehlo.convolution")
+
+    forward = convolutions(lambda v, x: model.apply(v, x, train=False), variables, jnp.zeros((2, 40, 40, 3)))
+    step = convolutions(functools.partial(loop.train_step, model=model, tx=tx, config=config), state, batch)
+    assert forward > 10
+    assert (step == forward) if frozen else (step > 2 * forward), (step, forward)
+    new_state, _ = jax.jit(functools.partial(loop.train_step, model=model, tx=tx, config=config))(state, batch)
+    moved = {k: not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.params[k]),
+                                                             jax.tree.leaves(state.params[k])))
+             for k in state.params}
+    assert moved[optim.HEAD_KEY] and any(moved[k] for k in moved if k != optim.HEAD_KEY) != frozen, moved

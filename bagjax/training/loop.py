@@ -53,7 +53,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     """One optax update on a global batch; returns the new state and the batch's loss and accuracy.
 
     A batch of cached features (``cache_features``: key ``features`` instead of ``image``) goes through the
-    head alone (bagjax.training.features)."""
+    head alone (bagjax.training.features). With ``freeze_backbone`` only the head is differentiated, so the
+    backbone's backward pass is never computed (the optimizer would zero its gradient anyway)."""
     train_bn = not config.freeze_backbone  # a frozen backbone keeps its BatchNorm statistics too
 
     def loss_fn(params):
@@ -71,7 +72,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                                        aux_weight=config.aux_loss_weight)
         return loss, (logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if config.freeze_backbone:  # the gradient of the head alone: the frozen backbone runs forward only
+        head_loss = lambda head: loss_fn({**state.params, optim.HEAD_KEY: head})
+        (loss, (logits, batch_stats)), head_grads = jax.value_and_grad(head_loss, has_aux=True)(
+            state.params[optim.HEAD_KEY])
+        grads = {**jax.tree.map(jnp.zeros_like, state.params), optim.HEAD_KEY: head_grads}
+    else:
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            batch_stats=batch_stats, opt_state=opt_state)
