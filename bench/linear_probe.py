@@ -4,8 +4,8 @@ A BagNet-33 (full size, random weights written as a ``bagjax.convert`` output) i
 folder recipe (``configs/folder.py:FOLDER,init_from=WEIGHTS,head_only``) on ``--images`` digits upscaled to
 224 px PNGs, for ``--epochs`` epochs, without augmentation (whole images, no flips), twice: with the recipe's
 ``cache_features=True`` (one forward pass per image, then the head alone) and with ``cache_features=False`` (the
-frozen network runs forward on every batch, and the head's gradient). Both train the same head: the largest difference of
-the final head parameters is printed.
+frozen network runs forward on every batch, then the head's gradient). Both train the same head: the largest
+difference of the final head parameters is printed.
 
     python bench/linear_probe.py --images 512 --epochs 10
 

@@ -90,7 +90,6 @@ def test_a_frozen_backbone_is_never_differentiated(frozen):
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from bagjax.models import build_model
     from bagjax.training import loop, optim
