@@ -1,10 +1,11 @@
 """Head-only fine-tuning of BagNet-33 at 224 px: cached features against the whole network at every step.
 
-A BagNet-33 (full size, random weights written as a ``bagjax.convert`` output) is fine-tuned head-only with the
-folder recipe (``configs/folder.py:FOLDER,init_from=WEIGHTS,head_only``) on ``--images`` digits upscaled to
-224 px PNGs, for ``--epochs`` epochs, without augmentation (whole images, no flips), twice: with the recipe's
-``cache_features=True`` (one forward pass per image, then the head alone) and with ``cache_features=False`` (the
-frozen network runs forward on every batch, then the head's gradient). Both train the same head: the largest
+A BagNet-33 (full size, random weights with BatchNorm statistics of the train images, written as a
+``bagjax.convert`` output) is fine-tuned head-only with the folder recipe
+(``configs/folder.py:FOLDER,init_from=WEIGHTS,head_only``) on ``--images`` digits upscaled to 224 px PNGs, for
+``--epochs`` epochs, without augmentation (whole images, no flips), twice: with the recipe's ``cache_features=True``
+(one forward pass per image, then the head alone) and with ``cache_features=False`` (the frozen network runs
+forward on every batch, then the head's gradient). Both train the same head: the largest
 difference of the final head parameters is printed.
 
     python bench/linear_probe.py --images 512 --epochs 10
@@ -30,19 +31,33 @@ import digits
 from bagjax import cli
 
 SIZE = 224
+STATISTICS_IMAGES = 32  # train images whose BatchNorm statistics the random weights get
 
 
-def write_weights(path: pathlib.Path) -> None:
+def write_weights(path: pathlib.Path, folder: pathlib.Path) -> None:
+    """Random BagNet-33 weights whose BatchNorm statistics are those of a batch of the bench's train images.
+
+    With the initial statistics (mean 0, variance 1) every eval-mode residual block adds an unnormalised branch,
+    the random network's features grow to the hundreds and the head's optimisation is unstable, so the final
+    heads of two runs differ by more than rounding. Statistics of the images themselves (one train-mode forward
+    with momentum 0, as ``bagjax.training.precise_bn`` computes them) keep every layer near unit variance.
+    """
     import jax
     import jax.numpy as jnp
 
-    from bagjax import convert
+    from bagjax import convert, data
+    from bagjax.data.preprocess import load_image_file
     from bagjax.models import create_model
 
     model = create_model("bagnet33", num_classes=1000)
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, SIZE, SIZE, 3)), train=False))(jax.random.key(0))
+    files = sorted((folder / "train").glob("*/*.png"))[::16][:STATISTICS_IMAGES]
+    images = data.normalize(np.stack([load_image_file(str(f)) for f in files]))
+    _, stats = jax.jit(lambda v, x: model.clone(bn_momentum=0.0).apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, images)
+    variables = {"params": variables["params"], "batch_stats": stats["batch_stats"]}
     convert.write_pretrained(path, jax.tree.map(np.asarray, variables), model="bagnet33", num_classes=1000,
-                             source="random weights")
+                             source="random weights, BatchNorm statistics of the bench's images")
 
 
 def main() -> None:
@@ -60,7 +75,7 @@ def main() -> None:
     try:
         train, evaluate = digits.digits_split(args.images)
         folder = digits.write_split_folder(root / "digits", train, evaluate[:args.eval_images], upscale=SIZE // 8)
-        write_weights(root / "bagnet33")
+        write_weights(root / "bagnet33", folder)
         common = (f"--config.batch_size={args.batch}", f"--config.num_epochs={args.epochs}",
                   "--config.data.crop_min_area=1.0", "--config.data.crop_aspect_ratio=(1.0,1.0)",
                   "--config.data.flip=False", "--config.data.crop_fraction=1.0",

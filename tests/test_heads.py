@@ -117,7 +117,7 @@ def test_identity_head_learns_real_digits_with_trustworthy_eval_mode(tmp_path):
     95.3 / 95.0 % for seeds 0 / 1 / 2); eval mode within 2 points of batch statistics."""
     digits = write_digits_folder(tmp_path / "digits")
     run_train(f"folder.py:{digits},budget=0.5", tmp_path / "run", "--config.head=identity",
-              "--config.model_kwargs.width=16")
+              "--config.model_kwargs.width=16", "--config.heatmap_images=0")
     final = [m for m in read_metrics(tmp_path / "run") if "guard_eval_accuracy" in m][-1]
     assert final["eval_count"] == 359 and final["eval_accuracy"] >= 0.94, final
     assert abs(final["guard_eval_accuracy"] - final["guard_batch_stats_accuracy"]) <= 0.02, final
