@@ -5,8 +5,8 @@ A BagNet-33 (full size, random weights with BatchNorm statistics of the train im
 (``configs/folder.py:FOLDER,init_from=WEIGHTS,head_only``) on ``--images`` digits upscaled to 224 px PNGs, for
 ``--epochs`` epochs, without augmentation (whole images, no flips), twice: with the recipe's ``cache_features=True``
 (one forward pass per image, then the head alone) and with ``cache_features=False`` (the frozen network runs
-forward on every batch, then the head's gradient). Both train the same head: the largest
-difference of the final head parameters is printed.
+forward on every batch, then the head's gradient). Both train the same head: the largest difference of the final
+head parameters is printed.
 
     python bench/linear_probe.py --images 512 --epochs 10
 
@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import types
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests"), str(REPO_ROOT / "bench")]
@@ -40,22 +41,22 @@ def write_weights(path: pathlib.Path, folder: pathlib.Path) -> None:
     With the initial statistics (mean 0, variance 1) every eval-mode residual block adds an unnormalised branch,
     the random network's features grow to the hundreds and the head's optimisation is unstable, so the final
     heads of two runs differ by more than rounding. Statistics of the images themselves (one train-mode forward
-    with momentum 0, as ``bagjax.training.precise_bn`` computes them) keep every layer near unit variance.
+    with momentum 0: ``bagjax.training.precise_bn.batch_moments``) keep every layer near unit variance.
     """
     import jax
     import jax.numpy as jnp
 
-    from bagjax import convert, data
+    from bagjax import convert
     from bagjax.data.preprocess import load_image_file
     from bagjax.models import create_model
+    from bagjax.training import precise_bn
 
     model = create_model("bagnet33", num_classes=1000)
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, SIZE, SIZE, 3)), train=False))(jax.random.key(0))
     files = sorted((folder / "train").glob("*/*.png"))[::16][:STATISTICS_IMAGES]
-    images = data.normalize(np.stack([load_image_file(str(f)) for f in files]))
-    _, stats = jax.jit(lambda v, x: model.clone(bn_momentum=0.0).apply(v, x, train=True, mutable=["batch_stats"]))(
-        variables, images)
-    variables = {"params": variables["params"], "batch_stats": stats["batch_stats"]}
+    batch = {"image": np.stack([load_image_file(str(f)) for f in files])}
+    moments = jax.jit(lambda v, b: precise_bn.batch_moments(types.SimpleNamespace(variables=v), b, model=model))
+    variables = {"params": variables["params"], "batch_stats": moments(variables, batch)}
     convert.write_pretrained(path, jax.tree.map(np.asarray, variables), model="bagnet33", num_classes=1000,
                              source="random weights, BatchNorm statistics of the bench's images")
 
