@@ -19,7 +19,6 @@ import pathlib
 import shutil
 import sys
 import tempfile
-import types
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests"), str(REPO_ROOT / "bench")]
@@ -55,7 +54,7 @@ def write_weights(path: pathlib.Path, folder: pathlib.Path) -> None:
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, SIZE, SIZE, 3)), train=False))(jax.random.key(0))
     files = sorted((folder / "train").glob("*/*.png"))[::16][:STATISTICS_IMAGES]
     batch = {"image": np.stack([load_image_file(str(f)) for f in files])}
-    moments = jax.jit(lambda v, b: precise_bn.batch_moments(types.SimpleNamespace(variables=v), b, model=model))
+    moments = jax.jit(lambda v, b: precise_bn.batch_moments(v, b, model=model))
     variables = {"params": variables["params"], "batch_stats": moments(variables, batch)}
     convert.write_pretrained(path, jax.tree.map(np.asarray, variables), model="bagnet33", num_classes=1000,
                              source="random weights, BatchNorm statistics of the bench's images")

@@ -71,7 +71,7 @@ def test_statistics_are_the_equal_weight_average_of_the_batch_moments():
     model, state = _state("bagnet17", kwargs, size, batches[0])
     p_accumulate = jax.jit(functools.partial(precise_bn.accumulate, model=model, num_batches=3))
     got, _ = precise_bn.recompute(p_accumulate, state, iter(batches))
-    moments = [precise_bn.batch_moments(state, b, model=model) for b in batches]
+    moments = [precise_bn.batch_moments(state.variables, b, model=model) for b in batches]
     want = jax.tree.map(lambda *m: sum(m) / 3, *moments)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got, want)
     # The stem BN has one moment per channel, and different batches give different moments.

@@ -41,17 +41,17 @@ def statistics_batches(config: ml_collections.ConfigDict, step: int) -> Iterator
         yield from itertools.islice(batches, n)
 
 
-def batch_moments(state: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> Any:
+def batch_moments(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> Any:
     """Every BatchNorm's mean and biased variance on one (global) batch, as a ``batch_stats`` tree."""
     images = data.normalize(batch["image"])  # uint8 from the host, normalized as in loop.train_step
-    _, updates = model.clone(bn_momentum=0.0).apply(state.variables, images, train=True, mutable=["batch_stats"])
+    _, updates = model.clone(bn_momentum=0.0).apply(variables, images, train=True, mutable=["batch_stats"])
     return updates["batch_stats"]
 
 
 def accumulate(total: Any, state: Any, batch: dict[str, jax.Array], *, model: nn.Module, num_batches: int) -> Any:
     """``total`` plus the batch's moments / ``num_batches``, as pycls adds ``running_mean / num_iters`` (jit this
     with ``total`` donated)."""
-    return jax.tree.map(lambda t, m: t + m / num_batches, total, batch_moments(state, batch, model=model))
+    return jax.tree.map(lambda t, m: t + m / num_batches, total, batch_moments(state.variables, batch, model=model))
 
 
 def recompute(p_accumulate: Callable, state: Any, batches: Iterator[dict[str, jax.Array]]) -> tuple[Any, int]:
